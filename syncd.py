@@ -1,0 +1,2197 @@
+"""syncd: a small, careful, self-hosted file synchronization server.
+
+Devices upload their changes over HTTP, are told at once over a WebSocket when
+another device changed something, and download it.  The wire contract (the
+endpoints, fields, status codes and sync rules) is documented in README.md.
+
+Storage model
+    The server keeps one tree of plain files under ``sync_directory``; an admin
+    can ``ls`` it.  The server's own state lives in ``sync_directory/.syncd/``:
+    ``syncd.db`` (SQLite, WAL) holds every file's metadata, tombstones of
+    deleted files, the change journal and the client registry; ``tmp/`` holds
+    uploads in flight.  An upload is streamed to ``tmp/``, hashed on the way,
+    fsynced, renamed over the old file, the folder fsynced, and only then
+    committed to the database and announced, so a reader sees the old file or
+    the new one, never a part, and an acknowledged upload survives a crash.
+
+Running
+    ``python syncd.py`` serves with the settings of ``./syncd.toml`` (if there
+    is one), then ``SYNCD_*`` environment variables, then command-line flags;
+    ``python syncd.py --help`` lists them.
+
+Security
+    Every client path is validated once, after the router decoded it, and every
+    file operation walks the tree with ``O_NOFOLLOW``, so no request reads or
+    writes outside ``sync_directory`` and no symlink inside it is followed.
+    With ``api_key`` set every endpoint but ``/health`` needs the key.  Without
+    one the server is open, so it binds to 127.0.0.1 by default.
+"""
+
+# ===========================================================================
+# Imports, version, constants
+# ===========================================================================
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import hashlib
+import hmac
+import json
+import logging
+import math
+import mimetypes
+import os
+import re
+import secrets
+import signal
+import stat
+import sys
+import time
+import tomllib
+import unicodedata
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+from aiohttp import WSMsgType, web
+from aiohttp.abc import AbstractAccessLogger
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("syncd")
+access_log = logging.getLogger("syncd.access")
+
+T = TypeVar("T")
+
+STATE_DIR = ".syncd"              # reserved folder inside sync_directory
+CHUNK_SIZE = 256 * 1024           # streaming unit for uploads
+JSON_BODY_LIMIT = 64 * 1024 * 1024  # a /sync manifest of 100,000 entries is ~15 MB
+MAX_PATH_BYTES = 4096
+MAX_SEGMENT_BYTES = 255
+MAX_TEXT_FIELD = 8 * 1024         # a multipart text field (path, checksum, ...)
+MAX_MULTIPART_PARTS = 16
+MAX_WS_MESSAGE = 64 * 1024
+CHANGES_DEFAULT_LIMIT = 1000
+CHANGES_MAX_LIMIT = 10000
+MAX_MODIFIED_TIME = 1e11          # ~ year 5138; beyond that utime() overflows on some systems
+CLIENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+CHECKSUM_RE = re.compile(r"[0-9a-f]{64}")
+
+# WebSocket close codes of our own (4000-4999 are for applications).
+WS_CLOSE_SILENT = 4000
+WS_CLOSE_REPLACED = 4001
+WS_CLOSE_OVERFLOW = 4002
+WS_CLOSE_GOING_AWAY = 1001
+
+
+# ===========================================================================
+# Configuration
+# ===========================================================================
+
+class ConfigError(Exception):
+    """A setting is invalid; the message names the key and where it came from."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The daemon's settings, after syncd.toml, SYNCD_* and flags were merged."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    sync_directory: str = "./sync_data"
+    max_file_size: int = 100_000_000
+    allowed_extensions: tuple[str, ...] = ()
+    allow_case_clash: bool = False
+    api_key: str | None = None
+    api_key_file: str | None = None
+    heartbeat_interval: float = 30.0
+    heartbeat_timeout: float = 90.0
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+    ws_queue_size: int = 1000
+
+
+SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def parse_text(value: Any) -> str:
+    """A non-empty string."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def parse_whole(value: Any) -> int:
+    """A whole number, from TOML or from text."""
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        return int(value)
+    raise ValueError("expected a whole number")
+
+
+def parse_port(value: Any) -> int:
+    """A TCP port, 1 to 65535."""
+    port = parse_whole(value)
+    if not 1 <= port <= 65535:
+        raise ValueError("expected a port from 1 to 65535")
+    return port
+
+
+def parse_positive_whole(value: Any) -> int:
+    """A whole number of at least 1."""
+    number = parse_whole(value)
+    if number < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return number
+
+
+def parse_size(value: Any) -> int:
+    """Bytes: an integer, or text like "100MB" (powers of 1000) or "1GiB" (of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in SIZE_UNITS:
+            raise ValueError('expected a size like 100MB, 1GiB or 1048576')
+        size = int(match.group(1)) * SIZE_UNITS[unit]
+    else:
+        raise ValueError('expected a size like 100MB, 1GiB or 1048576')
+    if size < 1:
+        raise ValueError("expected a size of at least 1 byte")
+    return size
+
+
+def parse_seconds(value: Any) -> float:
+    """A positive, finite number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number of seconds")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("expected a positive number of seconds")
+    return seconds
+
+
+def parse_bool(value: Any) -> bool:
+    """true/false, from TOML or from text (true, false, yes, no, on, off, 1, 0)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+    raise ValueError("expected true or false")
+
+
+def parse_extensions(value: Any) -> tuple[str, ...]:
+    """A list like [".txt", ".md"] (or text ".txt,.md"); stored lower-case."""
+    if isinstance(value, str):
+        items: list[Any] = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ValueError('expected a list like [".txt", ".md"]')
+    extensions = []
+    for item in items:
+        if not isinstance(item, str) or not re.fullmatch(r"\.[^/\\\x00-\x1f]+", item):
+            raise ValueError(f'expected extensions like ".txt", got {item!r}')
+        extensions.append(item.lower())
+    return tuple(extensions)
+
+
+def parse_log_level(value: Any) -> str:
+    """One of debug, info, warning, error, critical."""
+    if isinstance(value, str) and value.strip().lower() in LOG_LEVELS:
+        return value.strip().lower()
+    raise ValueError("expected one of " + ", ".join(LOG_LEVELS))
+
+
+SETTING_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "host": parse_text,
+    "port": parse_port,
+    "sync_directory": parse_text,
+    "max_file_size": parse_size,
+    "allowed_extensions": parse_extensions,
+    "allow_case_clash": parse_bool,
+    "api_key": parse_text,
+    "api_key_file": parse_text,
+    "heartbeat_interval": parse_seconds,
+    "heartbeat_timeout": parse_seconds,
+    "shutdown_timeout": parse_seconds,
+    "log_level": parse_log_level,
+    "ws_queue_size": parse_positive_whole,
+}
+assert set(SETTING_PARSERS) == {f.name for f in fields(Config)}
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The flat table of a syncd.toml; unknown keys are errors (they are typos)."""
+    try:
+        with open(path, "rb") as handle:
+            table = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for key in table:
+        if key not in SETTING_PARSERS:
+            raise ConfigError(f"{key}: unknown setting in {path}")
+    return table
+
+
+def read_api_key_file(path: str) -> str:
+    """The key in api_key_file, without its trailing newline."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            key = handle.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"api_key_file: cannot read {path}: {exc.__class__.__name__}") from None
+    if not key.strip():
+        raise ConfigError(f"api_key_file: {path} is empty")
+    return key
+
+
+def load_config(
+    config_path: str | None,
+    environ: Mapping[str, str],
+    flags: Mapping[str, Any],
+) -> Config:
+    """Merge syncd.toml, then SYNCD_* variables, then flags, and validate each value."""
+    raw: dict[str, tuple[Any, str]] = {}
+    path = config_path or environ.get("SYNCD_CONFIG")
+    if path is None and os.path.exists("syncd.toml"):
+        path = "syncd.toml"
+    if path is not None:
+        raw.update((key, (value, path)) for key, value in read_config_file(path).items())
+    for key in SETTING_PARSERS:
+        variable = "SYNCD_" + key.upper()
+        if variable in environ:
+            raw[key] = (environ[variable], variable)
+    for key, value in flags.items():
+        if value is not None:
+            raw[key] = (value, "--" + key.replace("_", "-"))
+    values: dict[str, Any] = {}
+    for key, (value, source) in raw.items():
+        try:
+            values[key] = SETTING_PARSERS[key](value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}, got {value!r} (from {source})") from None
+    if "api_key" in values and "api_key_file" in values:
+        raise ConfigError("api_key: set api_key or api_key_file, not both")
+    if "api_key_file" in values:
+        values["api_key"] = read_api_key_file(values["api_key_file"])
+    config = Config(**values)
+    if config.heartbeat_timeout < config.heartbeat_interval:
+        raise ConfigError("heartbeat_timeout: must be at least heartbeat_interval")
+    return config
+
+
+# ===========================================================================
+# Logging
+# ===========================================================================
+
+JOURNAL_PRIORITIES = {
+    logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
+    logging.ERROR: 3, logging.CRITICAL: 2,
+}
+
+
+class JournalFormatter(logging.Formatter):
+    """Lines for journald: a <N> priority prefix on every line, no timestamp."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Prefix each line, so a traceback keeps its priority in the journal."""
+        priority = JOURNAL_PRIORITIES.get(record.levelno, 6)
+        text = super().format(record)
+        return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+
+
+def stderr_is_journal(environ: Mapping[str, str]) -> bool:
+    """Whether stderr is journald's stream ($JOURNAL_STREAM names its device:inode)."""
+    try:
+        device, inode = (int(part) for part in environ["JOURNAL_STREAM"].split(":"))
+        status = os.fstat(sys.stderr.fileno())
+    except (KeyError, ValueError, OSError):
+        return False
+    return (status.st_dev, status.st_ino) == (device, inode)
+
+
+def setup_logging(level: str, environ: Mapping[str, str]) -> None:
+    """Send syncd's logs to stderr, in journald's format when it is listening."""
+    handler = logging.StreamHandler(sys.stderr)
+    if stderr_is_journal(environ):
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(level.upper())
+
+
+# ===========================================================================
+# Errors and paths
+# ===========================================================================
+
+class ApiError(Exception):
+    """An error answered to the client as {"error": code, "message": ...}."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 extra: Mapping[str, Any] | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = dict(extra or {})
+        self.headers = dict(headers or {})
+
+
+def invalid_request(message: str) -> ApiError:
+    """400 invalid_request."""
+    return ApiError(400, "invalid_request", message)
+
+
+def invalid_path(message: str) -> ApiError:
+    """400 invalid_path."""
+    return ApiError(400, "invalid_path", message)
+
+
+def validate_path(raw: str) -> str:
+    """The NFC form of a client path, or ApiError invalid_path (see SPEC "Paths")."""
+    path = unicodedata.normalize("NFC", raw)
+    if not path:
+        raise invalid_path("the path is empty")
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid_path("the path is not valid UTF-8") from None
+    if path.startswith("/"):
+        raise invalid_path("the path must be relative (it starts with /)")
+    if "\\" in path:
+        raise invalid_path("the path contains a backslash")
+    if any(unicodedata.category(char) == "Cc" for char in path):
+        raise invalid_path("the path contains a control character")
+    if len(encoded) > MAX_PATH_BYTES:
+        raise invalid_path(f"the path is longer than {MAX_PATH_BYTES} bytes")
+    segments = path.split("/")
+    for segment in segments:
+        if segment in ("", ".", ".."):
+            raise invalid_path("the path has an empty, '.' or '..' segment")
+        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            raise invalid_path(f"a name in the path is longer than {MAX_SEGMENT_BYTES} bytes")
+    if segments[0].casefold() == STATE_DIR:
+        raise invalid_path(f"{STATE_DIR}/ is reserved for the server")
+    return path
+
+
+def fold_path(path: str) -> str:
+    """The case-folded key under which case twins (ÉTÉ.txt, été.txt) collide."""
+    return unicodedata.normalize("NFC", path.casefold())
+
+
+def extension_allowed(path: str, allowed: tuple[str, ...]) -> bool:
+    """Whether the file name ends with one of the allowed extensions (all when empty)."""
+    name = path.rsplit("/", 1)[-1].lower()
+    return not allowed or any(name.endswith(ext) and name != ext for ext in allowed)
+
+
+def validate_client_id(value: Any) -> str:
+    """A client id of the contract's form, or 400 invalid_request."""
+    if not isinstance(value, str) or not CLIENT_ID_RE.fullmatch(value):
+        raise invalid_request(
+            "client_id is required and must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    return value
+
+
+def validate_checksum(value: Any, name: str, *, allow_empty: bool) -> str:
+    """A lowercase hex SHA-256 ("" too where the absent file is meant)."""
+    if isinstance(value, str):
+        checksum = value.strip().lower()
+        if CHECKSUM_RE.fullmatch(checksum) or (allow_empty and checksum == ""):
+            return checksum
+    raise invalid_request(f"{name} must be a hex SHA-256" + (' or ""' if allow_empty else ""))
+
+
+def validate_modified_time(value: Any, name: str = "modified_time") -> float:
+    """Unix seconds, finite, from 0 to about the year 5000."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise invalid_request(f"{name} must be a number of Unix seconds")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise invalid_request(f"{name} must be a number of Unix seconds") from None
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_MODIFIED_TIME:
+        raise invalid_request(f"{name} must be Unix seconds from 0 to {MAX_MODIFIED_TIME:.0f}")
+    return seconds
+
+
+# ===========================================================================
+# Metadata store (SQLite): the schema and every query
+# ===========================================================================
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """A path's state on the server: a live file or, with deleted, its tombstone."""
+
+    path: str
+    checksum: str          # for a tombstone: the checksum the file had when deleted
+    size: int
+    modified_time: float
+    revision: int
+    deleted: bool
+    time: float
+    client_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's file entry."""
+        return {"path": self.path, "checksum": self.checksum, "size": self.size,
+                "modified_time": self.modified_time, "revision": self.revision}
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the change journal."""
+
+    seq: int
+    type: str              # "upsert" or "delete"
+    path: str
+    checksum: str
+    size: int
+    modified_time: float
+    client_id: str
+    time: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's /changes entry."""
+        return {"seq": self.seq, "type": self.type, "path": self.path,
+                "checksum": self.checksum, "size": self.size,
+                "modified_time": self.modified_time, "revision": self.seq,
+                "client_id": self.client_id, "time": self.time}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRecord:
+    """A registered client."""
+
+    client_id: str
+    name: str | None
+    platform: str | None
+    version: str | None
+    registered_at: float
+    last_seen: float
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    path          TEXT PRIMARY KEY,
+    fold          TEXT NOT NULL,
+    checksum      TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    modified_time REAL NOT NULL,
+    revision      INTEGER NOT NULL,
+    deleted       INTEGER NOT NULL,
+    time          REAL NOT NULL,
+    client_id     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_live_fold ON files (fold) WHERE deleted = 0;
+CREATE TABLE IF NOT EXISTS changes (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    type          TEXT NOT NULL CHECK (type IN ('upsert', 'delete')),
+    path          TEXT NOT NULL,
+    checksum      TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    modified_time REAL NOT NULL,
+    client_id     TEXT NOT NULL,
+    time          REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id     TEXT PRIMARY KEY,
+    name          TEXT,
+    platform      TEXT,
+    version       TEXT,
+    registered_at REAL NOT NULL,
+    last_seen     REAL NOT NULL
+);
+"""
+
+FILE_COLUMNS = "path, checksum, size, modified_time, revision, deleted, time, client_id"
+CHANGE_COLUMNS = "seq, type, path, checksum, size, modified_time, client_id, time"
+
+
+def file_record(row: Sequence[Any]) -> FileRecord:
+    """A FileRecord from a row of FILE_COLUMNS."""
+    return FileRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7])
+
+
+def folder_range(prefix: str) -> tuple[str, str]:
+    """Bounds such that lower <= p < upper holds exactly for the paths under prefix/."""
+    return prefix + "/", prefix + "0"   # "0" is the character after "/"
+
+
+class Transaction:
+    """One BEGIN IMMEDIATE ... COMMIT on the writer connection, with undo and after-commit hooks."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+        self.undo: list[Callable[[], None]] = []
+        self.after_commit: list[Callable[[], None]] = []
+        self.last_seq = 0
+
+    async def get(self, path: str) -> FileRecord | None:
+        """The path's record (live or tombstone), as this transaction sees it."""
+        rows = await self.db.execute_fetchall(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE path = ?", (path,))
+        return file_record(rows[0]) if rows else None
+
+    async def live_under(self, folder: str) -> list[FileRecord]:
+        """Every live file below folder/."""
+        lower, upper = folder_range(folder)
+        rows = await self.db.execute_fetchall(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE deleted = 0 AND path >= ? AND path < ?"
+            " ORDER BY path", (lower, upper))
+        return [file_record(row) for row in rows]
+
+    async def _first_live(self, where: str, params: Sequence[Any]) -> str | None:
+        rows = await self.db.execute_fetchall(
+            f"SELECT path FROM files WHERE deleted = 0 AND {where} LIMIT 1", params)
+        return rows[0][0] if rows else None
+
+    async def find_blocker(self, path: str, allow_case_clash: bool) -> ApiError | None:
+        """Why path cannot be written next to the live files, or None.
+
+        A live file where one of its folders must go, or a live folder where it
+        must go, makes a 409 conflict; a file or folder that differs from one
+        of its own only by letter case makes a 409 case_conflict.
+        """
+        segments = path.split("/")
+        for depth in range(1, len(segments) + 1):
+            own = "/".join(segments[:depth])
+            folded = fold_path(own)
+            is_leaf = depth == len(segments)
+            if not is_leaf:
+                other = await self._first_live("fold = ?", (folded,))
+                if other == own or (other and not allow_case_clash):
+                    return path_blocked(path, other, f"{other} is a file, not a folder")
+            lower, upper = folder_range(folded)
+            own_lower, own_upper = folder_range(own)
+            if is_leaf:
+                other = await self._first_live("fold >= ? AND fold < ?", (lower, upper))
+                if other and (other.startswith(own_lower) or not allow_case_clash):
+                    return path_blocked(path, None, f"{own} is a folder on the server")
+            if allow_case_clash:
+                continue
+            if is_leaf:
+                twin = await self._first_live("fold = ? AND path != ?", (folded, own))
+            else:
+                twin = await self._first_live(
+                    "fold >= ? AND fold < ? AND NOT (path >= ? AND path < ?)",
+                    (lower, upper, own_lower, own_upper))
+            if twin:
+                twin_part = "/".join(twin.split("/")[:depth])
+                return ApiError(409, "case_conflict",
+                                f"{own} differs from {twin_part} only by letter case")
+        return None
+
+    async def record_upsert(self, path: str, checksum: str, size: int,
+                            modified_time: float, client_id: str) -> FileRecord:
+        """Journal a new version of path and make it the live file."""
+        now = time.time()
+        cursor = await self.db.execute(
+            "INSERT INTO changes (type, path, checksum, size, modified_time, client_id, time)"
+            " VALUES ('upsert', ?, ?, ?, ?, ?, ?)",
+            (path, checksum, size, modified_time, client_id, now))
+        seq = cursor.lastrowid
+        assert seq is not None
+        await self.db.execute(
+            "INSERT OR REPLACE INTO files (path, fold, checksum, size, modified_time,"
+            " revision, deleted, time, client_id) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+            (path, fold_path(path), checksum, size, modified_time, seq, now, client_id))
+        self.last_seq = seq
+        return FileRecord(path, checksum, size, modified_time, seq, False, now, client_id)
+
+    async def record_delete(self, live: FileRecord, client_id: str) -> FileRecord:
+        """Journal the deletion of a live file and leave its tombstone."""
+        now = time.time()
+        cursor = await self.db.execute(
+            "INSERT INTO changes (type, path, checksum, size, modified_time, client_id, time)"
+            " VALUES ('delete', ?, '', 0, ?, ?, ?)", (live.path, now, client_id, now))
+        seq = cursor.lastrowid
+        assert seq is not None
+        await self.db.execute(
+            "UPDATE files SET revision = ?, deleted = 1, time = ?, client_id = ? WHERE path = ?",
+            (seq, now, client_id, live.path))
+        self.last_seq = seq
+        return FileRecord(live.path, live.checksum, live.size, live.modified_time,
+                          seq, True, now, client_id)
+
+
+def path_blocked(path: str, blocker: str | None, why: str) -> ApiError:
+    """409 conflict: a file stands where a folder must go, or the other way round."""
+    return ApiError(409, "conflict", f"cannot write {path}: {why}", {"server": None})
+
+
+class MetadataStore:
+    """The SQLite database: one writer connection behind a lock, one reader.
+
+    Writes go through transaction(), one at a time.  Reads use a second
+    connection, so that they see only committed state, never a write
+    transaction half-way through (WAL lets both run at once).
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self.lock = asyncio.Lock()
+        self._read_lock = asyncio.Lock()   # one multi-statement read transaction at a time
+        self.cursor = 0
+        self.epoch = ""
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        """Open (or create) the database, and load the epoch and the cursor."""
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves (STYLE.md).
+        self._writer = await aiosqlite.connect(self.db_path, isolation_level=None)
+        try:
+            await self._writer.execute("PRAGMA journal_mode = WAL")
+            # FULL: in WAL mode NORMAL may lose the last commits on power loss,
+            # and we acknowledge an upload only once its commit is durable.
+            await self._writer.execute("PRAGMA synchronous = FULL")
+            await self._writer.executescript(SCHEMA)
+            await self._writer.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)",
+                (secrets.token_hex(16),))
+            self._reader = await aiosqlite.connect(self.db_path, isolation_level=None)
+            await self._reader.execute("PRAGMA query_only = ON")
+            rows = await self._reader.execute_fetchall(
+                "SELECT value FROM meta WHERE key = 'epoch'")
+            self.epoch = rows[0][0]
+            self.cursor = await self._read_cursor(self._reader)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close both connections (an open one keeps the process from exiting)."""
+        for db in (self._reader, self._writer):
+            if db is not None:
+                with contextlib.suppress(Exception):
+                    await db.close()
+        self._reader = self._writer = None
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        """The read-only connection."""
+        assert self._reader is not None, "the store is not open"
+        return self._reader
+
+    @contextlib.asynccontextmanager
+    async def read_transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Several reads that see one committed state."""
+        async with self._read_lock:
+            await self.reader.execute("BEGIN")
+            try:
+                yield self.reader
+            finally:
+                await self.reader.execute("COMMIT")
+
+    @staticmethod
+    async def _read_cursor(db: aiosqlite.Connection) -> int:
+        rows = await db.execute_fetchall(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'changes'")
+        return int(rows[0][0]) if rows else 0
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """BEGIN IMMEDIATE ... COMMIT; on any failure ROLLBACK and run the undo hooks.
+
+        After-commit hooks run under the lock, so that announcements leave in
+        seq order.  Callers must not be cancelled half-way: see run_to_completion.
+        """
+        assert self._writer is not None, "the store is not open"
+        async with self.lock:
+            tx = Transaction(self._writer)
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield tx
+                await self._writer.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self._writer.execute("ROLLBACK")
+                for undo in reversed(tx.undo):
+                    try:
+                        undo()
+                    except OSError:
+                        log.exception("could not undo a file operation after a failed commit")
+                raise
+            if tx.last_seq:
+                self.cursor = tx.last_seq
+            for hook in tx.after_commit:
+                hook()
+
+    async def get(self, path: str) -> FileRecord | None:
+        """The path's committed record (live or tombstone)."""
+        rows = await self.reader.execute_fetchall(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE path = ?", (path,))
+        return file_record(rows[0]) if rows else None
+
+    async def snapshot(self) -> tuple[dict[str, FileRecord], int]:
+        """Every record (live and tombstones) and the cursor, from one read transaction."""
+        async with self.read_transaction() as db:
+            rows = await db.execute_fetchall(f"SELECT {FILE_COLUMNS} FROM files")
+            cursor = await self._read_cursor(db)
+        return {row[0]: file_record(row) for row in rows}, cursor
+
+    async def list_live(self, prefix: str) -> tuple[list[FileRecord], int]:
+        """Live files whose path starts with prefix, sorted, and the cursor."""
+        async with self.read_transaction() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT {FILE_COLUMNS} FROM files WHERE deleted = 0 AND path >= ?"
+                " AND substr(path, 1, ?) = ? ORDER BY path",
+                (prefix, len(prefix), prefix))
+            cursor = await self._read_cursor(db)
+        return [file_record(row) for row in rows], cursor
+
+    async def count_live(self) -> int:
+        """How many live files there are."""
+        rows = await self.reader.execute_fetchall(
+            "SELECT COUNT(*) FROM files WHERE deleted = 0")
+        return int(rows[0][0])
+
+    async def changes_since(self, since: int, limit: int) -> tuple[list[Change], int, bool]:
+        """Journal entries with seq > since (at most limit), the cursor, and whether more wait."""
+        async with self.read_transaction() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT {CHANGE_COLUMNS} FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+                (since, limit + 1))
+            cursor = await self._read_cursor(db)
+        changes = [Change(*row) for row in rows[:limit]]
+        return changes, cursor, len(rows) > limit
+
+    async def register_client(self, client_id: str, name: str | None,
+                              platform: str | None, version: str | None) -> bool:
+        """Store or refresh a client; True when it is new."""
+        now = time.time()
+        async with self.transaction() as tx:
+            existing = await tx.db.execute_fetchall(
+                "SELECT 1 FROM clients WHERE client_id = ?", (client_id,))
+            await tx.db.execute(
+                "INSERT INTO clients (client_id, name, platform, version, registered_at,"
+                " last_seen) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE"
+                " SET name = excluded.name, platform = excluded.platform,"
+                " version = excluded.version, last_seen = excluded.last_seen",
+                (client_id, name, platform, version, now, now))
+        return not existing
+
+    async def touch_client(self, client_id: str) -> None:
+        """Note that a registered client was seen now."""
+        async with self.transaction() as tx:
+            await tx.db.execute("UPDATE clients SET last_seen = ? WHERE client_id = ?",
+                                (time.time(), client_id))
+
+    async def list_clients(self) -> list[ClientRecord]:
+        """Every registered client, by id."""
+        rows = await self.reader.execute_fetchall(
+            "SELECT client_id, name, platform, version, registered_at, last_seen"
+            " FROM clients ORDER BY client_id")
+        return [ClientRecord(*row) for row in rows]
+
+    async def check(self) -> None:
+        """Raise if the database cannot answer a query."""
+        await self.reader.execute_fetchall("SELECT 1 FROM meta LIMIT 1")
+
+
+# ===========================================================================
+# File store: temp file, hash, fsync, rename; reads
+# ===========================================================================
+
+class TooLarge(Exception):
+    """The body grew past max_file_size."""
+
+
+class FolderBlocked(Exception):
+    """A file (or symlink) stands where the path needs a folder, or a folder where it needs a file."""
+
+
+@dataclass
+class StagedFile:
+    """An upload written to .syncd/tmp/, hashed, not yet in place."""
+
+    name: str
+    fd: int
+    size: int = 0
+    checksum: str = ""
+
+
+@dataclass
+class Swap:
+    """A file renamed into place, with what it replaced kept until the commit."""
+
+    path: str
+    backup: str | None     # name in tmp/ of the replaced file, if any
+
+
+@dataclass
+class Removal:
+    """A file moved from the tree into tmp/, until the commit."""
+
+    path: str
+    parked: str            # name in tmp/
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def write_and_hash(fd: int, hasher: Any, data: bytes) -> None:
+    """Hash and write one chunk (hashlib drops the GIL: fine in a worker thread)."""
+    hasher.update(data)
+    write_all(fd, data)
+
+
+class FileStore:
+    """The tree of plain files under sync_directory, and .syncd/tmp/ beside it.
+
+    Every operation walks the tree from the root with O_NOFOLLOW and dir_fd, so
+    a symlink planted in the tree is never followed, in or out.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state_dir = root / STATE_DIR
+        self.tmp_dir = self.state_dir / "tmp"
+
+    def prepare(self) -> int:
+        """Create the folders; remove temp files left by a crash; return how many."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.tmp_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+                removed += 1
+        return removed
+
+    # -- writing ---------------------------------------------------------------
+
+    async def stage(self, chunks: AsyncIterator[bytes], max_size: int) -> StagedFile:
+        """Stream chunks into a new temp file, hashing and counting; TooLarge past max_size."""
+        loop = asyncio.get_running_loop()
+        name = f"upload-{uuid.uuid4().hex}"
+        fd = os.open(self.tmp_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o644)
+        staged = StagedFile(name, fd)
+        hasher = hashlib.sha256()
+        try:
+            async for chunk in chunks:
+                staged.size += len(chunk)
+                if staged.size > max_size:
+                    raise TooLarge
+                await loop.run_in_executor(None, write_and_hash, fd, hasher, chunk)
+        except BaseException:
+            self.discard(staged)
+            raise
+        staged.checksum = hasher.hexdigest()
+        return staged
+
+    def seal(self, staged: StagedFile, modified_time: float) -> None:
+        """Set the mtime, fsync and close the temp file (in a worker thread)."""
+        os.utime(staged.fd, (modified_time, modified_time))
+        os.fsync(staged.fd)
+        os.close(staged.fd)
+        staged.fd = -1
+
+    def discard(self, staged: StagedFile) -> None:
+        """Close and remove a temp file that will not be used."""
+        if staged.fd >= 0:
+            os.close(staged.fd)
+            staged.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp_dir / staged.name)
+
+    def _walk(self, folders: Sequence[str], create: bool) -> tuple[list[int], list[int]]:
+        """Open each folder from the root with O_NOFOLLOW; return their fds and
+        the fds of folders in which we created one (they need an fsync)."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fds = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+        grown: list[int] = []
+        try:
+            for name in folders:
+                try:
+                    fds.append(os.open(name, flags, dir_fd=fds[-1]))
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(name, 0o755, dir_fd=fds[-1])
+                    grown.append(fds[-1])
+                    fds.append(os.open(name, flags, dir_fd=fds[-1]))
+                except (NotADirectoryError, OSError) as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        raise FolderBlocked(name) from None
+                    raise
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds, grown
+
+    @staticmethod
+    def _close_all(fds: Iterable[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+
+    def _tmp_fd(self) -> int:
+        return os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def swap_in(self, staged: StagedFile, path: str) -> Swap:
+        """Rename a sealed temp file over path, keep the old one in tmp/, fsync the folders."""
+        *folders, name = path.split("/")
+        fds, grown = self._walk(folders, create=True)
+        tmp_fd = self._tmp_fd()
+        parent = fds[-1]
+        backup = None
+        try:
+            try:
+                old = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                old = None
+            if old is not None and stat.S_ISDIR(old.st_mode):
+                raise FolderBlocked(name)
+            if old is not None and stat.S_ISREG(old.st_mode):
+                backup = f"old-{uuid.uuid4().hex}"
+                os.link(name, backup, src_dir_fd=parent, dst_dir_fd=tmp_fd,
+                        follow_symlinks=False)
+            os.rename(staged.name, name, src_dir_fd=tmp_fd, dst_dir_fd=parent)
+            for fd in {parent, *grown}:
+                os.fsync(fd)
+        finally:
+            self._close_all([*fds, tmp_fd])
+        return Swap(path, backup)
+
+    def undo_swap(self, swap: Swap) -> None:
+        """Put back what swap_in replaced (or remove the new file)."""
+        *folders, name = swap.path.split("/")
+        fds, _ = self._walk(folders, create=False)
+        tmp_fd = self._tmp_fd()
+        try:
+            if swap.backup is not None:
+                os.rename(swap.backup, name, src_dir_fd=tmp_fd, dst_dir_fd=fds[-1])
+            else:
+                os.unlink(name, dir_fd=fds[-1])
+            os.fsync(fds[-1])
+        finally:
+            self._close_all([*fds, tmp_fd])
+
+    def finish_swap(self, swap: Swap) -> None:
+        """Drop the replaced file once the new one is committed."""
+        if swap.backup is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_dir / swap.backup)
+
+    def remove(self, path: str) -> Removal | None:
+        """Move path out of the tree into tmp/ (None if it was not on disk)."""
+        *folders, name = path.split("/")
+        try:
+            fds, _ = self._walk(folders, create=False)
+        except (FileNotFoundError, FolderBlocked):
+            return None
+        tmp_fd = self._tmp_fd()
+        parked = f"del-{uuid.uuid4().hex}"
+        try:
+            try:
+                os.rename(name, parked, src_dir_fd=fds[-1], dst_dir_fd=tmp_fd)
+            except FileNotFoundError:
+                return None
+            os.fsync(fds[-1])
+        finally:
+            self._close_all([*fds, tmp_fd])
+        return Removal(path, parked)
+
+    def undo_remove(self, removal: Removal) -> None:
+        """Put a removed file back where it was."""
+        *folders, name = removal.path.split("/")
+        fds, _ = self._walk(folders, create=True)
+        tmp_fd = self._tmp_fd()
+        try:
+            os.rename(removal.parked, name, src_dir_fd=tmp_fd, dst_dir_fd=fds[-1])
+            os.fsync(fds[-1])
+        finally:
+            self._close_all([*fds, tmp_fd])
+
+    def finish_remove(self, removal: Removal) -> None:
+        """Delete the parked file for good, and folders the removal left empty."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp_dir / removal.parked)
+        *folders, _ = removal.path.split("/")
+        try:
+            fds, _ = self._walk(folders, create=False)
+        except (FileNotFoundError, FolderBlocked):
+            return
+        try:
+            for depth in range(len(folders), 0, -1):
+                try:
+                    os.rmdir(folders[depth - 1], dir_fd=fds[depth - 1])
+                except OSError:
+                    break   # not empty (or gone): the folders above are not empty either
+        finally:
+            self._close_all(fds)
+
+    # -- reading ---------------------------------------------------------------
+
+    def open_read(self, path: str) -> Any:
+        """A binary file object for path; FileNotFoundError unless it is a regular file."""
+        *folders, name = path.split("/")
+        try:
+            fds, _ = self._walk(folders, create=False)
+        except FolderBlocked:
+            raise FileNotFoundError(path) from None
+        try:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fds[-1])
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise FileNotFoundError(path) from None
+                raise
+        finally:
+            self._close_all(fds)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FileNotFoundError(path)
+        return os.fdopen(fd, "rb")
+
+    def usable(self) -> bool:
+        """Whether the tree is a writable folder."""
+        return self.root.is_dir() and os.access(self.root, os.W_OK | os.X_OK)
+
+
+# ===========================================================================
+# Sync planning: the pure function behind POST /sync
+# ===========================================================================
+
+@dataclass(frozen=True, slots=True)
+class ClientEntry:
+    """One file as a client lists it in POST /sync."""
+
+    path: str
+    checksum: str
+    size: int
+    modified_time: float
+    base_checksum: str | None    # None: the client keeps no state
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as the client sent it."""
+        entry: dict[str, Any] = {"path": self.path, "checksum": self.checksum,
+                                 "size": self.size, "modified_time": self.modified_time}
+        if self.base_checksum is not None:
+            entry["base_checksum"] = self.base_checksum
+        return entry
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A path that both sides changed."""
+
+    entry: ClientEntry
+    reason: str                  # "both_modified" or "server_newer"
+    server: FileRecord
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's conflict entry."""
+        return {"path": self.entry.path, "reason": self.reason,
+                "client": self.entry.to_json(), "server": self.server.to_json()}
+
+
+@dataclass
+class SyncPlan:
+    """What a client should do, path by path."""
+
+    upload: list[str] = field(default_factory=list)
+    download: list[FileRecord] = field(default_factory=list)
+    delete: list[FileRecord] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
+
+    def to_json(self, epoch: str, cursor: int) -> dict[str, Any]:
+        """The contract's SyncResponse."""
+        return {"epoch": epoch, "upload": self.upload,
+                "download": [record.to_json() for record in self.download],
+                "delete": [{"path": r.path, "revision": r.revision} for r in self.delete],
+                "conflicts": [conflict.to_json() for conflict in self.conflicts],
+                "cursor": cursor}
+
+
+def plan_entry(entry: ClientEntry, server: FileRecord | None, plan: SyncPlan) -> None:
+    """Apply rules 1, 2, 4, 5 and 6 of the contract to one listed path."""
+    if server is None:
+        plan.upload.append(entry.path)                       # 2: never seen
+    elif server.deleted:
+        # 5: a modification beats a deletion.  Beyond the letter of the contract,
+        # base "" (the client says its copy never came from the server) is a
+        # re-creation, never deleted on the strength of someone else's delete.
+        if entry.checksum == server.checksum and entry.base_checksum != "":
+            plan.delete.append(server)
+        else:
+            plan.upload.append(entry.path)
+    elif entry.checksum == server.checksum:
+        return                                               # 1: in sync
+    elif entry.base_checksum is not None:                    # 4: three-way
+        if entry.base_checksum == server.checksum:
+            plan.upload.append(entry.path)
+        elif entry.base_checksum == entry.checksum:
+            plan.download.append(server)
+        else:
+            plan.conflicts.append(Conflict(entry, "both_modified", server))
+    elif entry.modified_time > server.modified_time:         # 6: no state, newer wins
+        plan.upload.append(entry.path)
+    else:
+        plan.conflicts.append(Conflict(entry, "server_newer", server))
+
+
+def plan_sync(entries: Sequence[ClientEntry], server: Mapping[str, FileRecord]) -> SyncPlan:
+    """The plan for a client's listing against the server's records (live and tombstones)."""
+    plan = SyncPlan()
+    for entry in entries:
+        plan_entry(entry, server.get(entry.path), plan)
+    listed = {entry.path for entry in entries}
+    plan.download.extend(                                    # 3: server only
+        record for path, record in server.items()
+        if not record.deleted and path not in listed)
+    plan.download.sort(key=lambda record: record.path)
+    return plan
+
+
+# ===========================================================================
+# WebSocket hub: connections, per-client queues, broadcast
+# ===========================================================================
+
+PING = object()          # queue item: send a WebSocket ping
+
+
+@dataclass(eq=False)
+class Connection:
+    """One client's WebSocket, with its own bounded queue and writer task."""
+
+    client_id: str
+    ws: web.WebSocketResponse
+    queue: asyncio.Queue[Any]
+    transport: asyncio.BaseTransport | None
+    last_heard: float = field(default_factory=time.monotonic)
+    writer: asyncio.Task[None] | None = None
+    closing: bool = False
+
+
+class Hub:
+    """Who is connected, and the fan-out of events to them.
+
+    publish() never awaits: it drops each event into every other connection's
+    queue, and each connection's writer task sends at that client's pace.  A
+    client whose queue overflows is closed (4002) and resyncs from /changes.
+    """
+
+    def __init__(self, queue_size: int, heartbeat_interval: float,
+                 heartbeat_timeout: float) -> None:
+        self.queue_size = queue_size
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.connections: dict[str, Connection] = {}
+        self._closers: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start pinging clients and closing silent ones."""
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def connect(self, client_id: str, ws: web.WebSocketResponse,
+                transport: asyncio.BaseTransport | None, hello: dict[str, Any]) -> Connection:
+        """Register a connection whose first message is hello; replace an older one (4001)."""
+        conn = Connection(client_id, ws, asyncio.Queue(self.queue_size), transport)
+        conn.queue.put_nowait(json.dumps(hello))
+        old = self.connections.get(client_id)
+        self.connections[client_id] = conn
+        conn.writer = asyncio.get_running_loop().create_task(self._write(conn))
+        if old is not None:
+            self.drop(old, WS_CLOSE_REPLACED, "replaced by a newer connection")
+        return conn
+
+    def disconnect(self, conn: Connection) -> bool:
+        """Forget a closed connection; True if it was the client's current one."""
+        if conn.writer is not None:
+            conn.writer.cancel()
+        if self.connections.get(conn.client_id) is conn:
+            del self.connections[conn.client_id]
+            return True
+        return False
+
+    def publish(self, event: dict[str, Any], exclude: str | None = None) -> None:
+        """Queue event for every connected client but exclude, without waiting."""
+        message = json.dumps(event)
+        for conn in list(self.connections.values()):
+            if conn.client_id != exclude:
+                self.send(conn, message)
+
+    def send(self, conn: Connection, item: Any) -> None:
+        """Queue one message (or PING) for one connection; close it if its queue is full."""
+        if conn.closing:
+            return
+        try:
+            conn.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            log.warning("client %s is not reading its events: closing it (4002)", conn.client_id)
+            self.drop(conn, WS_CLOSE_OVERFLOW, "event queue overflow: resync with /changes")
+
+    def drop(self, conn: Connection, code: int, reason: str) -> None:
+        """Close a connection in the background, without waiting for it."""
+        if conn.closing:
+            return
+        conn.closing = True
+        if conn.writer is not None:
+            conn.writer.cancel()
+        task = asyncio.get_running_loop().create_task(self._close(conn, code, reason))
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    async def _close(self, conn: Connection, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(conn.ws.close(code=code, message=reason.encode()), 5.0)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            pass
+        # A client that reads nothing never lets a close frame through; cut it.
+        if conn.transport is not None and not conn.transport.is_closing():
+            conn.transport.abort()
+
+    async def _write(self, conn: Connection) -> None:
+        try:
+            while True:
+                item = await conn.queue.get()
+                if item is PING:
+                    await conn.ws.ping()
+                elif isinstance(item, bytes):
+                    await conn.ws.pong(item)
+                else:
+                    await conn.ws.send_str(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:   # the socket broke: its reader will see it and clean up
+            log.debug("writer for %s stopped: %s", conn.client_id, exc)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                if now - conn.last_heard > self.heartbeat_timeout:
+                    log.info("client %s silent for %.0f s: closing it",
+                             conn.client_id, now - conn.last_heard)
+                    self.drop(conn, WS_CLOSE_SILENT, "silent past heartbeat_timeout")
+                else:
+                    self.send(conn, PING)
+
+    async def close_all(self, code: int = WS_CLOSE_GOING_AWAY) -> None:
+        """Close every connection (server shutdown) and stop the sweeper."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for conn in list(self.connections.values()):
+            self.drop(conn, code, "server shutting down")
+        if self._closers:
+            await asyncio.gather(*self._closers, return_exceptions=True)
+
+
+# ===========================================================================
+# HTTP: request parsing helpers
+# ===========================================================================
+
+@dataclass
+class State:
+    """Everything the handlers share, hung off the Application."""
+
+    config: Config
+    store: MetadataStore
+    files: FileStore
+    hub: Hub
+    started: float = field(default_factory=time.monotonic)
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+STATE = web.AppKey("state", State)
+
+
+def state_of(request: web.Request) -> State:
+    """The application's State."""
+    return request.app[STATE]
+
+
+def reject_constant(name: str) -> Any:
+    """json.loads hook: NaN and Infinity are not JSON."""
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def parse_json(text: str) -> Any:
+    """json.loads that refuses NaN/Infinity and survives absurd nesting."""
+    try:
+        return json.loads(text, parse_constant=reject_constant)
+    except RecursionError:
+        raise invalid_request("the JSON is nested too deeply") from None
+    except ValueError as exc:
+        raise invalid_request(f"malformed JSON: {exc}") from None
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or 400."""
+    try:
+        text = await request.text()
+    except UnicodeDecodeError:
+        raise invalid_request("the body is not UTF-8") from None
+    data = parse_json(text)
+    if not isinstance(data, dict):
+        raise invalid_request("the body must be a JSON object")
+    return data
+
+
+def optional_text(data: Mapping[str, Any], key: str, limit: int = 256) -> str | None:
+    """An optional short string field."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise invalid_request(f"{key} must be a string of at most {limit} characters")
+    return value
+
+
+def whole_number(value: Any, name: str) -> int:
+    """A non-negative JSON integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid_request(f"{name} must be a non-negative integer")
+    return value
+
+
+def query_int(request: web.Request, name: str, default: int) -> int:
+    """A non-negative integer query parameter."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"\d{1,18}", raw):
+        raise invalid_request(f"{name} must be a non-negative integer")
+    return int(raw)
+
+
+def parse_sync_entries(value: Any) -> list[ClientEntry]:
+    """The files list of a SyncRequest: validated, NFC paths, no path twice."""
+    if not isinstance(value, list):
+        raise invalid_request("files must be a list")
+    entries: list[ClientEntry] = []
+    seen: set[str] = set()
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise invalid_request(f"files[{index}] must be an object")
+        raw_path = item.get("path")
+        if not isinstance(raw_path, str):
+            raise invalid_request(f"files[{index}].path must be a string")
+        try:
+            path = validate_path(raw_path)
+        except ApiError as exc:
+            raise invalid_path(f"files[{index}].path: {exc.message}") from None
+        if path in seen:
+            raise invalid_request(f"files[{index}].path {path} is listed twice")
+        seen.add(path)
+        base = item.get("base_checksum")
+        entries.append(ClientEntry(
+            path=path,
+            checksum=validate_checksum(item.get("checksum"), f"files[{index}].checksum",
+                                       allow_empty=False),
+            size=whole_number(item.get("size"), f"files[{index}].size"),
+            modified_time=validate_modified_time(item.get("modified_time"),
+                                                 f"files[{index}].modified_time"),
+            base_checksum=None if base is None else validate_checksum(
+                base, f"files[{index}].base_checksum", allow_empty=True),
+        ))
+    return entries
+
+
+def parse_etags(header: str | None) -> tuple[str, ...] | None:
+    """The entity tags of If-Match / If-None-Match ("*" kept as is), quotes and W/ removed."""
+    if header is None:
+        return None
+    tags = []
+    for part in header.split(","):
+        tag = part.strip()
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if len(tag) >= 2 and tag[0] == tag[-1] == '"':
+            tag = tag[1:-1]
+        if tag:
+            tags.append(tag.lower() if tag != "*" else tag)
+    if not tags:
+        raise invalid_request("an empty If-Match / If-None-Match header")
+    return tuple(tags)
+
+
+# ===========================================================================
+# HTTP: writes (uploads and deletes), shared by every route that writes
+# ===========================================================================
+
+@dataclass(frozen=True)
+class Precondition:
+    """What the client believes the server holds, if it says."""
+
+    base_checksum: str | None = None            # /upload and DELETE: 409 on mismatch
+    if_match: tuple[str, ...] | None = None     # 412 on mismatch
+    if_none_match: tuple[str, ...] | None = None
+
+    def is_set(self) -> bool:
+        """Whether any condition was given."""
+        return (self.base_checksum, self.if_match, self.if_none_match) != (None, None, None)
+
+
+def check_precondition(pre: Precondition, current: FileRecord | None) -> None:
+    """Raise 409 conflict or 412 precondition_failed when the client's belief is stale."""
+    live = current if current is not None and not current.deleted else None
+    server = live.to_json() if live is not None else None
+    if pre.base_checksum is not None:
+        accepted = {live.checksum if live else ""}
+        if current is not None and current.deleted:
+            accepted.add(current.checksum)   # an edit of a deleted file re-creates it
+        if pre.base_checksum not in accepted:
+            raise ApiError(409, "conflict", "the file changed on the server since base_checksum",
+                           {"server": server})
+    if pre.if_match is not None and not (
+            live is not None and ("*" in pre.if_match or live.checksum in pre.if_match)):
+        raise ApiError(412, "precondition_failed", "If-Match does not match the server's file",
+                       {"server": server})
+    if pre.if_none_match is not None and live is not None and (
+            "*" in pre.if_none_match or live.checksum in pre.if_none_match):
+        raise ApiError(412, "precondition_failed", "If-None-Match: the file exists",
+                       {"server": server})
+
+
+async def run_to_completion(state: State, work: Awaitable[T]) -> T:
+    """Await work even if the request is cancelled meanwhile.
+
+    Between a rename into the tree and its COMMIT, stopping half-way would
+    leave the disk and the database disagreeing; so the work runs in a task of
+    its own and finishes whatever happens to the request.
+    """
+    task = asyncio.ensure_future(work)
+    state.background.add(task)
+    task.add_done_callback(state.background.discard)
+    return await asyncio.shield(task)
+
+
+def file_changed_event(record: FileRecord) -> dict[str, Any]:
+    """The WebSocket announcement of a new version."""
+    return {"type": "file_changed", **record.to_json(), "seq": record.revision,
+            "client_id": record.client_id}
+
+
+def file_deleted_event(record: FileRecord) -> dict[str, Any]:
+    """The WebSocket announcement of a deletion."""
+    return {"type": "file_deleted", "path": record.path, "revision": record.revision,
+            "seq": record.revision, "client_id": record.client_id}
+
+
+async def stage_body(state: State, chunks: AsyncIterator[bytes]) -> StagedFile:
+    """Stream a body to a temp file; 413 (nothing kept) past max_file_size."""
+    limit = state.config.max_file_size
+    try:
+        return await state.files.stage(chunks, limit)
+    except TooLarge:
+        raise ApiError(413, "too_large", f"the file exceeds max_file_size ({limit} bytes)") from None
+
+
+async def commit_staged(state: State, staged: StagedFile, path: str, client_id: str,
+                        modified_time: float, pre: Precondition) -> tuple[FileRecord, bool]:
+    """Put a staged upload in place and commit it; return the record and whether it is new.
+
+    Owns staged: whatever happens, its temp file is gone afterwards.
+    """
+    loop = asyncio.get_running_loop()
+    files, hub = state.files, state.hub
+    try:
+        await loop.run_in_executor(None, files.seal, staged, modified_time)
+        async with state.store.transaction() as tx:
+            current = await tx.get(path)
+            check_precondition(pre, current)
+            live = current if current is not None and not current.deleted else None
+            if live is not None and live.checksum == staged.checksum:
+                return live, False   # the same bytes again: nothing changes, nothing to announce
+            blocker = await tx.find_blocker(path, state.config.allow_case_clash)
+            if blocker is not None:
+                raise blocker
+            try:
+                swap = await loop.run_in_executor(None, files.swap_in, staged, path)
+            except FolderBlocked as exc:
+                raise path_blocked(path, None, f"{exc} is in the way") from None
+            tx.undo.append(lambda: files.undo_swap(swap))
+            record = await tx.record_upsert(path, staged.checksum, staged.size,
+                                            modified_time, client_id)
+            tx.after_commit.append(lambda: hub.publish(file_changed_event(record), client_id))
+        files.finish_swap(swap)
+    finally:
+        files.discard(staged)
+    log.info("stored %s (%d bytes, revision %d) from %s",
+             path, record.size, record.revision, client_id)
+    return record, live is None
+
+
+async def delete_files(state: State, path: str, client_id: str,
+                       pre: Precondition) -> tuple[int, int]:
+    """Delete the file at path, or every file under the folder path; (count, last revision)."""
+    loop = asyncio.get_running_loop()
+    files, hub = state.files, state.hub
+    removals: list[Removal] = []
+    async with state.store.transaction() as tx:
+        current = await tx.get(path)
+        if current is not None and not current.deleted:
+            targets = [current]
+            check_precondition(pre, current)
+        else:
+            targets = await tx.live_under(path)
+            if not targets:
+                raise ApiError(404, "not_found", f"no file or folder at {path}")
+            if pre.is_set():
+                raise ApiError(409, "conflict", f"{path} is a folder: a precondition "
+                               "applies to a single file", {"server": None})
+        for target in targets:
+            removal = await loop.run_in_executor(None, files.remove, target.path)
+            if removal is not None:
+                removals.append(removal)
+                tx.undo.append(lambda removal=removal: files.undo_remove(removal))
+            tomb = await tx.record_delete(target, client_id)
+            tx.after_commit.append(
+                lambda tomb=tomb: hub.publish(file_deleted_event(tomb), client_id))
+    for removal in removals:
+        await loop.run_in_executor(None, files.finish_remove, removal)
+    log.info("deleted %s (%d file(s), revision %d) for %s",
+             path, len(targets), tx.last_seq, client_id)
+    return len(targets), tx.last_seq
+
+
+# ===========================================================================
+# HTTP: downloads
+# ===========================================================================
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(offset, count) of a single byte range; None to send it all; 416 when outside."""
+    if header is None:
+        return None
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header, re.IGNORECASE)
+    if not match or match.group(1) == match.group(2) == "":
+        return None    # malformed or several ranges: RFC 9110 lets us ignore Range
+    first, last = match.group(1), match.group(2)
+    if first == "":
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise range_not_satisfiable(size)
+        return max(0, size - suffix), min(suffix, size)
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or (last and int(last) < start):
+        raise range_not_satisfiable(size)
+    return start, end - start + 1
+
+
+def range_not_satisfiable(size: int) -> ApiError:
+    """416 with the Content-Range the RFC asks for."""
+    return ApiError(416, "range_not_satisfiable", f"the range is outside the file ({size} bytes)",
+                    headers={"Content-Range": f"bytes */{size}"})
+
+
+def etag_matches(header: str | None, checksum: str) -> bool:
+    """Whether If-None-Match names this checksum (or *)."""
+    tags = parse_etags(header) if header is not None else None
+    return tags is not None and ("*" in tags or checksum in tags)
+
+
+async def open_for_download(state: State, path: str) -> tuple[Any, FileRecord]:
+    """The open file and the record that describes exactly those bytes.
+
+    Under the commit lock no rename is between its rename and its COMMIT, so
+    the file we open is the one the record names; once open, a later upload
+    replaces the name, not our bytes.
+    """
+    async with state.store.lock:
+        record = await state.store.get(path)
+        if record is None or record.deleted:
+            raise ApiError(404, "not_found", f"no file at {path}")
+        try:
+            handle = state.files.open_read(path)
+        except (FileNotFoundError, NotADirectoryError):
+            log.warning("%s is in the database but not on disk", path)
+            raise ApiError(404, "not_found", f"no file at {path}") from None
+    return handle, record
+
+
+async def send_file(request: web.Request, handle: Any, record: FileRecord) -> web.StreamResponse:
+    """Answer with the open file (sendfile), honouring Range and If-None-Match."""
+    size = os.fstat(handle.fileno()).st_size
+    headers = {
+        "ETag": f'"{record.checksum}"',
+        "Last-Modified": formatdate(record.modified_time, usegmt=True),
+        "X-Revision": str(record.revision),
+        "Accept-Ranges": "bytes",
+        "Content-Type": mimetypes.guess_type(record.path)[0] or "application/octet-stream",
+    }
+    if etag_matches(request.headers.get("If-None-Match"), record.checksum):
+        return web.Response(status=304, headers=headers)
+    if_range = request.headers.get("If-Range")
+    use_range = if_range is None or if_range.strip() == f'"{record.checksum}"'
+    span = parse_range(request.headers.get("Range"), size) if use_range else None
+    offset, count = span if span is not None else (0, size)
+    response = web.StreamResponse(status=206 if span else 200, headers=headers)
+    if span:
+        response.headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
+    response.content_length = count
+    await response.prepare(request)
+    if request.method == "HEAD" or count == 0:
+        await response.write_eof()
+        return response
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("the client went away")
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sendfile(transport, handle, offset, count)
+    except NotImplementedError:   # no sendfile for this transport (TLS, some event loops)
+        handle.seek(offset)
+        while count > 0:
+            chunk = await loop.run_in_executor(None, handle.read, min(CHUNK_SIZE, count))
+            if not chunk:
+                break
+            await response.write(chunk)
+            count -= len(chunk)
+    await response.write_eof()
+    return response
+
+
+# ===========================================================================
+# HTTP: handlers
+# ===========================================================================
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """A compact JSON response."""
+    return web.json_response(data, status=status, dumps=lambda obj: json.dumps(obj, separators=(",", ":")))
+
+
+def note_client(request: web.Request, client_id: str) -> str:
+    """Remember the request's client id for the access log."""
+    request["client_id"] = client_id
+    return client_id
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    """GET /health: liveness, with a few figures; 503 when storage is unusable."""
+    state = state_of(request)
+    body: dict[str, Any] = {
+        "status": "ok",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "version": __version__,
+        "uptime_s": round(time.monotonic() - state.started, 3),
+        "clients_connected": len(state.hub.connections),
+        "cursor": state.store.cursor,
+        "epoch": state.store.epoch,
+    }
+    try:
+        await state.store.check()
+        body["files"] = await state.store.count_live()
+    except Exception as exc:
+        log.error("health: the database is unusable: %s", exc)
+        body.update(status="error", files=0, message="the database is unusable")
+        return json_response(body, 503)
+    if not state.files.usable():
+        log.error("health: the sync directory is not a writable folder")
+        body.update(status="error", message="the sync directory is unusable")
+        return json_response(body, 503)
+    return json_response(body)
+
+
+async def handle_register(request: web.Request) -> web.Response:
+    """POST /register: store or refresh a client; announce it to the others."""
+    state = state_of(request)
+    data = await read_json_object(request)
+    client_id = note_client(request, validate_client_id(data.get("client_id")))
+    name = optional_text(data, "name")
+    is_new = await state.store.register_client(
+        client_id, name, optional_text(data, "platform"), optional_text(data, "version"))
+    state.hub.publish({"type": "client_joined", "client_id": client_id, "name": name},
+                      exclude=client_id)
+    log.info("client %s %s", client_id, "registered" if is_new else "registered again")
+    return json_response({"success": True,
+                          "message": "registered" if is_new else "welcome back",
+                          "cursor": state.store.cursor})
+
+
+async def handle_clients(request: web.Request) -> web.Response:
+    """GET /clients: the registry, with who is connected now."""
+    state = state_of(request)
+    clients = await state.store.list_clients()
+    return json_response({"clients": [
+        {"client_id": c.client_id, "name": c.name, "platform": c.platform,
+         "version": c.version, "registered_at": c.registered_at, "last_seen": c.last_seen,
+         "connected": c.client_id in state.hub.connections}
+        for c in clients]})
+
+
+async def handle_sync(request: web.Request) -> web.Response:
+    """POST /sync: the plan for a client's listing."""
+    state = state_of(request)
+    data = await read_json_object(request)
+    client_id = note_client(request, validate_client_id(data.get("client_id")))
+    entries = parse_sync_entries(data.get("files"))
+    records, cursor = await state.store.snapshot()
+    plan = plan_sync(entries, records)
+    await state.store.touch_client(client_id)
+    return json_response(plan.to_json(state.store.epoch, cursor))
+
+
+async def part_chunks(part: Any) -> AsyncIterator[bytes]:
+    """The bytes of one multipart part, chunk by chunk."""
+    while chunk := await part.read_chunk(CHUNK_SIZE):
+        yield chunk
+
+
+async def read_text_field(part: Any) -> str:
+    """A small multipart text field, or 400."""
+    data = bytearray()
+    while chunk := await part.read_chunk(MAX_TEXT_FIELD):
+        data += chunk
+        if len(data) > MAX_TEXT_FIELD:
+            raise invalid_request(f"the field {part.name} is longer than {MAX_TEXT_FIELD} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_request(f"the field {part.name} is not UTF-8") from None
+
+
+def check_extension(state: State, path: str) -> None:
+    """415 when allowed_extensions is set and path's name is not in it."""
+    if not extension_allowed(path, state.config.allowed_extensions):
+        raise ApiError(415, "extension_not_allowed",
+                       "allowed extensions: " + ", ".join(state.config.allowed_extensions))
+
+
+async def handle_upload(request: web.Request) -> web.Response:
+    """POST /upload (multipart): store a file; its text fields may come before or after it."""
+    state = state_of(request)
+    try:
+        reader = await request.multipart()
+    except (AssertionError, ValueError, KeyError):
+        raise invalid_request("the body must be multipart/form-data") from None
+    fields_seen: dict[str, str] = {}
+    staged: StagedFile | None = None
+    try:
+        for _ in range(MAX_MULTIPART_PARTS + 1):
+            part = await reader.next()
+            if part is None:
+                break
+            if part.name == "file":
+                if staged is not None:
+                    raise invalid_request("more than one file part")
+                if "relative_path" in fields_seen:      # refuse early, before the bytes
+                    check_extension(state, validate_path(fields_seen["relative_path"]))
+                staged = await stage_body(state, part_chunks(part))
+            elif part.name in fields_seen:
+                raise invalid_request(f"the field {part.name} is given twice")
+            else:
+                fields_seen[part.name or ""] = await read_text_field(part)
+        else:
+            raise invalid_request(f"more than {MAX_MULTIPART_PARTS} parts")
+        if staged is None:
+            raise invalid_request("the file part is missing")
+        raw_path = fields_seen.get("relative_path")
+        if raw_path is None:
+            raise invalid_request("relative_path is required")
+        path = validate_path(raw_path)
+        check_extension(state, path)
+        client_id = note_client(request, validate_client_id(fields_seen.get("client_id")))
+        pre = Precondition(base_checksum=None if "base_checksum" not in fields_seen else
+                           validate_checksum(fields_seen["base_checksum"], "base_checksum",
+                                             allow_empty=True))
+        check_checksum(staged, fields_seen.get("checksum"))
+        modified_time = (validate_modified_time(fields_seen["modified_time"])
+                         if "modified_time" in fields_seen else time.time())
+    except BaseException:
+        if staged is not None:
+            state.files.discard(staged)
+        raise
+    record, _ = await run_to_completion(
+        state, commit_staged(state, staged, path, client_id, modified_time, pre))
+    return json_response({"success": True, **record.to_json()})
+
+
+def check_checksum(staged: StagedFile, claimed: str | None) -> None:
+    """400 checksum_mismatch when the bytes do not hash to the checksum the client sent."""
+    if claimed is None:
+        return
+    expected = validate_checksum(claimed, "checksum", allow_empty=False)
+    if staged.checksum != expected:
+        raise ApiError(400, "checksum_mismatch",
+                       f"the bytes received hash to {staged.checksum}, not {expected}")
+
+
+async def handle_put_file(request: web.Request) -> web.Response:
+    """PUT /files/{path}: store the raw body; 201 when it created the file."""
+    state = state_of(request)
+    path = validate_path(request.match_info["path"])
+    check_extension(state, path)
+    client_id = note_client(request, validate_client_id(request.headers.get("X-Client-Id")))
+    claimed = request.headers.get("X-Checksum-Sha256")
+    if claimed is not None:
+        validate_checksum(claimed, "X-Checksum-Sha256", allow_empty=False)
+    raw_mtime = request.headers.get("X-Modified-Time")
+    modified_time = (validate_modified_time(raw_mtime, "X-Modified-Time")
+                     if raw_mtime is not None else time.time())
+    pre = Precondition(if_match=parse_etags(request.headers.get("If-Match")),
+                       if_none_match=parse_etags(request.headers.get("If-None-Match")))
+    length = request.content_length
+    if length is not None and length > state.config.max_file_size:
+        raise ApiError(413, "too_large",
+                       f"the file exceeds max_file_size ({state.config.max_file_size} bytes)")
+    staged = await stage_body(state, request.content.iter_chunked(CHUNK_SIZE))
+    try:
+        check_checksum(staged, claimed)
+    except BaseException:
+        state.files.discard(staged)
+        raise
+    record, created = await run_to_completion(
+        state, commit_staged(state, staged, path, client_id, modified_time, pre))
+    return json_response({"success": True, **record.to_json()}, 201 if created else 200)
+
+
+async def handle_delete_file(request: web.Request) -> web.Response:
+    """DELETE /files/{path}: remove a file, or every file under a folder."""
+    state = state_of(request)
+    path = validate_path(request.match_info["path"])
+    client_id = note_client(request, validate_client_id(request.query.get("client_id")))
+    base = request.query.get("base_checksum")
+    pre = Precondition(
+        base_checksum=None if base is None else validate_checksum(
+            base, "base_checksum", allow_empty=True),
+        if_match=parse_etags(request.headers.get("If-Match")))
+    deleted, revision = await run_to_completion(
+        state, delete_files(state, path, client_id, pre))
+    return json_response({"success": True, "path": path, "deleted": deleted,
+                          "revision": revision})
+
+
+async def handle_download(request: web.Request) -> web.StreamResponse:
+    """GET/HEAD /download/{path} and /files/{path}: the file's bytes."""
+    state = state_of(request)
+    path = validate_path(request.match_info["path"])
+    handle, record = await open_for_download(state, path)
+    try:
+        return await send_file(request, handle, record)
+    finally:
+        handle.close()
+
+
+async def handle_list_files(request: web.Request) -> web.Response:
+    """GET /files?prefix=P: live files whose path starts with P."""
+    state = state_of(request)
+    prefix = unicodedata.normalize("NFC", request.query.get("prefix", ""))
+    records, cursor = await state.store.list_live(prefix)
+    return json_response({"files": [record.to_json() for record in records], "cursor": cursor})
+
+
+async def handle_changes(request: web.Request) -> web.Response:
+    """GET /changes?since=N&limit=M: the journal after N."""
+    state = state_of(request)
+    since = query_int(request, "since", 0)
+    limit = query_int(request, "limit", CHANGES_DEFAULT_LIMIT)
+    if limit < 1:
+        raise invalid_request("limit must be at least 1")
+    changes, cursor, has_more = await state.store.changes_since(
+        since, min(limit, CHANGES_MAX_LIMIT))
+    return json_response({
+        "changes": [change.to_json() for change in changes],
+        "cursor": changes[-1].seq if changes else cursor,
+        "has_more": has_more,
+        "epoch": state.store.epoch,
+    })
+
+
+def ws_error(code: str, message: str) -> str:
+    """An error message on the WebSocket."""
+    return json.dumps({"type": "error", "error": code, "message": message})
+
+
+def answer_ws_message(hub: Hub, conn: Connection, msg: Any) -> None:
+    """React to one frame from a client."""
+    if msg.type == WSMsgType.PING:
+        hub.send(conn, bytes(msg.data))
+    elif msg.type == WSMsgType.BINARY:
+        hub.send(conn, ws_error("invalid_request", "binary frames are not supported"))
+    elif msg.type == WSMsgType.TEXT:
+        try:
+            data = parse_json(msg.data)
+        except ApiError as exc:
+            hub.send(conn, ws_error("invalid_request", exc.message))
+            return
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind == "heartbeat":
+            hub.send(conn, json.dumps({"type": "heartbeat_ack", "timestamp": time.time()}))
+        else:
+            hub.send(conn, ws_error("unknown_type", f"unknown message type {kind!r}"))
+
+
+async def handle_ws(request: web.Request) -> web.WebSocketResponse:
+    """GET /ws/{client_id}: live events for one client."""
+    state = state_of(request)
+    client_id = note_client(request, validate_client_id(request.match_info["client_id"]))
+    # autoping off: we answer pings ourselves, so that a pong counts as hearing from the client
+    ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_WS_MESSAGE, timeout=5.0)
+    await ws.prepare(request)
+    hub = state.hub
+    hello = {"type": "hello", "client_id": client_id, "cursor": state.store.cursor,
+             "epoch": state.store.epoch, "server_time": time.time()}
+    # No await between reading the cursor and joining the hub: no event is missed or doubled.
+    conn = hub.connect(client_id, ws, request.transport, hello)
+    log.info("client %s connected", client_id)
+    try:
+        async for msg in ws:
+            conn.last_heard = time.monotonic()
+            answer_ws_message(hub, conn, msg)
+    finally:
+        if hub.disconnect(conn):
+            hub.publish({"type": "client_left", "client_id": client_id}, exclude=client_id)
+            log.info("client %s disconnected", client_id)
+    return ws
+
+
+# ===========================================================================
+# HTTP: middlewares (errors, auth) and the access log
+# ===========================================================================
+
+HTTP_ERROR_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found",
+                    405: "method_not_allowed", 413: "too_large"}
+
+
+def error_response(error: ApiError) -> web.Response:
+    """The contract's JSON error."""
+    response = json_response({"error": error.code, "message": error.message, **error.extra},
+                             error.status)
+    response.headers.update(error.headers)
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every error as JSON; never a traceback or a server path."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = HTTP_ERROR_CODES.get(exc.status, "invalid_request" if exc.status < 500 else "internal")
+        message = exc.reason if exc.status != 413 else "the request body is too large"
+        return error_response(ApiError(exc.status, code, message))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("disk full while handling %s %s", request.method, request.path)
+            return error_response(ApiError(507, "insufficient_storage", "the server's disk is full"))
+        log.exception("error while handling %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal", "internal server error"))
+    except Exception:
+        log.exception("error while handling %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal", "internal server error"))
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The API key the request carries, if any."""
+    authorization = request.headers.get("Authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    if "X-API-Key" in request.headers:
+        return request.headers["X-API-Key"]
+    if request.path.startswith("/ws/"):
+        return request.query.get("token")
+    return None
+
+
+def key_matches(presented: str, expected: str) -> bool:
+    """Constant-time comparison (of bytes: compare_digest refuses non-ASCII str)."""
+    return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
+                               expected.encode("utf-8"))
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """401 unless the request carries the configured API key (/health is open)."""
+    expected = state_of(request).config.api_key
+    if expected is not None and request.path != "/health":
+        presented = presented_key(request)
+        if presented is None or not key_matches(presented, expected):
+            error = ApiError(401, "unauthorized", "a valid API key is required",
+                             headers={"WWW-Authenticate": "Bearer"})
+            return error_response(error)
+    return await handler(request)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, path, status, bytes, duration, client id."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        """Log the finished request (the query string is left out: it may carry a token)."""
+        self.logger.info("%s %s %d %d %.1fms client=%s", request.method, request.path,
+                         response.status, response.body_length, time * 1000,
+                         request.get("client_id", "-"))
+
+
+# ===========================================================================
+# App factory
+# ===========================================================================
+
+async def storage_context(app: web.Application) -> AsyncIterator[None]:
+    """Open the tree and the database for the app's lifetime; close them after."""
+    state = app[STATE]
+    root = Path(state.config.sync_directory)
+    root.mkdir(parents=True, exist_ok=True)
+    removed = state.files.prepare()
+    if removed:
+        log.info("removed %d temp file(s) left by an earlier run", removed)
+    await state.store.open()
+    state.hub.start()
+    log.info("serving %s (epoch %s, cursor %d)", root.resolve(), state.store.epoch,
+             state.store.cursor)
+    try:
+        yield
+    finally:
+        await state.hub.close_all()
+        if state.background:
+            await asyncio.gather(*state.background, return_exceptions=True)
+        await state.store.close()
+
+
+async def close_websockets(app: web.Application) -> None:
+    """On shutdown, close every WebSocket with 1001 so that handlers can finish."""
+    await app[STATE].hub.close_all(WS_CLOSE_GOING_AWAY)
+
+
+def make_app(config: Config) -> web.Application:
+    """The syncd Application for config; tests import this."""
+    root = Path(config.sync_directory)
+    state = State(
+        config=config,
+        store=MetadataStore(root / STATE_DIR / "syncd.db"),
+        files=FileStore(root),
+        hub=Hub(config.ws_queue_size, config.heartbeat_interval, config.heartbeat_timeout),
+    )
+    app = web.Application(middlewares=[error_middleware, auth_middleware],
+                          client_max_size=JSON_BODY_LIMIT)
+    app[STATE] = state
+    app.cleanup_ctx.append(storage_context)
+    app.on_shutdown.append(close_websockets)
+    app.router.add_get("/health", handle_health)
+    app.router.add_post("/register", handle_register)
+    app.router.add_get("/clients", handle_clients)
+    app.router.add_post("/sync", handle_sync)
+    app.router.add_post("/upload", handle_upload)
+    app.router.add_get("/files", handle_list_files)
+    app.router.add_put("/files/{path:.*}", handle_put_file)
+    app.router.add_get("/files/{path:.*}", handle_download)     # HEAD too
+    app.router.add_delete("/files/{path:.*}", handle_delete_file)
+    app.router.add_get("/download/{path:.*}", handle_download)  # HEAD too
+    app.router.add_get("/changes", handle_changes)
+    app.router.add_get("/ws/{client_id}", handle_ws)
+    return app
+
+
+# ===========================================================================
+# Daemon: runner and signals
+# ===========================================================================
+
+async def run_daemon(config: Config) -> int:
+    """Serve until SIGTERM or SIGINT; then stop accepting, finish, close; 0 on a clean stop."""
+    app = make_app(config)
+    runner = web.AppRunner(app, handle_signals=False, access_log_class=AccessLogger,
+                           access_log=access_log, shutdown_timeout=config.shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
+            return 1
+        log.info("syncd %s listening on http://%s:%d", __version__, config.host, config.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+# ===========================================================================
+# CLI
+# ===========================================================================
+
+def server_parser() -> argparse.ArgumentParser:
+    """Flags of `python syncd.py`: one per setting, each overriding syncd.toml and SYNCD_*."""
+    parser = argparse.ArgumentParser(
+        prog="syncd.py", description="syncd: a self-hosted file synchronization server.")
+    parser.add_argument("--config", help="the TOML file to read (default: ./syncd.toml if present)")
+    parser.add_argument("--version", action="version", version=f"syncd {__version__}")
+    for setting in fields(Config):
+        flag = "--" + setting.name.replace("_", "-")
+        if setting.name == "allow_case_clash":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, dest=setting.name, metavar="VALUE", default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse flags, load the config (exit 2 on a bad one), serve."""
+    args = server_parser().parse_args(argv)
+    flags = {key: value for key, value in vars(args).items() if key != "config"}
+    try:
+        config = load_config(args.config, os.environ, flags)
+    except ConfigError as exc:
+        print(f"syncd: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, os.environ)
+    try:
+        return asyncio.run(run_daemon(config))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
