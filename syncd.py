@@ -595,18 +595,21 @@ class Transaction:
             own = "/".join(segments[:depth])
             folded = fold_path(own)
             is_leaf = depth == len(segments)
-            if not is_leaf:
-                other = await self._first_live("fold = ?", (folded,))
-                if other == own or (other and not allow_case_clash):
-                    return path_blocked(path, other, f"{other} is a file, not a folder")
             lower, upper = folder_range(folded)
             own_lower, own_upper = folder_range(own)
-            if is_leaf:
+            if not is_leaf:
+                other = await self._first_live("fold = ?", (folded,))
+                if other == own:
+                    return path_blocked(path, f"{own} is a file, not a folder")
+            else:
                 other = await self._first_live("fold >= ? AND fold < ?", (lower, upper))
-                if other and (other.startswith(own_lower) or not allow_case_clash):
-                    return path_blocked(path, None, f"{own} is a folder on the server")
+                if other and other.startswith(own_lower):
+                    return path_blocked(path, f"{own} is a folder on the server")
             if allow_case_clash:
                 continue
+            if other:
+                other_part = "/".join(other.split("/")[:depth])
+                return case_conflict(own, other_part)
             if is_leaf:
                 twin = await self._first_live("fold = ? AND path != ?", (folded, own))
             else:
@@ -614,9 +617,7 @@ class Transaction:
                     "fold >= ? AND fold < ? AND NOT (path >= ? AND path < ?)",
                     (lower, upper, own_lower, own_upper))
             if twin:
-                twin_part = "/".join(twin.split("/")[:depth])
-                return ApiError(409, "case_conflict",
-                                f"{own} differs from {twin_part} only by letter case")
+                return case_conflict(own, "/".join(twin.split("/")[:depth]))
         return None
 
     async def record_upsert(self, path: str, checksum: str, size: int,
@@ -652,9 +653,14 @@ class Transaction:
                           seq, True, now, client_id)
 
 
-def path_blocked(path: str, blocker: str | None, why: str) -> ApiError:
+def path_blocked(path: str, why: str) -> ApiError:
     """409 conflict: a file stands where a folder must go, or the other way round."""
     return ApiError(409, "conflict", f"cannot write {path}: {why}", {"server": None})
+
+
+def case_conflict(own: str, other: str) -> ApiError:
+    """409 case_conflict: own and a live other differ only by letter case."""
+    return ApiError(409, "case_conflict", f"{own} differs from {other} only by letter case")
 
 
 class MetadataStore:
@@ -1343,6 +1349,7 @@ class State:
 
 
 STATE = web.AppKey("state", State)
+CLIENT_ID = web.RequestKey("client_id", str)
 
 
 def state_of(request: web.Request) -> State:
@@ -1549,7 +1556,7 @@ async def commit_staged(state: State, staged: StagedFile, path: str, client_id: 
             try:
                 swap = await loop.run_in_executor(None, files.swap_in, staged, path)
             except FolderBlocked as exc:
-                raise path_blocked(path, None, f"{exc} is in the way") from None
+                raise path_blocked(path, f"{exc} is in the way") from None
             tx.undo.append(lambda: files.undo_swap(swap))
             record = await tx.record_upsert(path, staged.checksum, staged.size,
                                             modified_time, client_id)
@@ -1703,7 +1710,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 def note_client(request: web.Request, client_id: str) -> str:
     """Remember the request's client id for the access log."""
-    request["client_id"] = client_id
+    request[CLIENT_ID] = client_id
     return client_id
 
 
@@ -2066,7 +2073,7 @@ class AccessLogger(AbstractAccessLogger):
         """Log the finished request (the query string is left out: it may carry a token)."""
         self.logger.info("%s %s %d %d %.1fms client=%s", request.method, request.path,
                          response.status, response.body_length, time * 1000,
-                         request.get("client_id", "-"))
+                         request.get(CLIENT_ID, "-"))
 
 
 # ===========================================================================

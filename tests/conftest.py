@@ -1,0 +1,157 @@
+"""Shared fixtures: an in-process app on a temp tree, helpers, and a real daemon."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import syncd  # noqa: E402
+
+
+def sha(data: bytes) -> str:
+    """The contract's checksum of data."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> syncd.Config:
+    """A config serving tmp_path/data, with overrides."""
+    overrides.setdefault("sync_directory", str(tmp_path / "data"))
+    return syncd.Config(**overrides)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """The sync directory of the default app."""
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def app_client(aiohttp_client: Any, tmp_path: Path) -> Callable[..., Any]:
+    """Start an in-process app with the given settings; returns its test client."""
+    async def start(**overrides: Any) -> Any:
+        return await aiohttp_client(syncd.make_app(make_config(tmp_path, **overrides)))
+    return start
+
+
+@pytest.fixture
+async def client(app_client: Callable[..., Any]) -> Any:
+    """A test client of an app with the default settings."""
+    return await app_client()
+
+
+async def put(client: Any, path: str, data: bytes, client_id: str = "laptop",
+              **headers: str) -> Any:
+    """PUT /files/{path}."""
+    return await client.put(f"/files/{path}", data=data,
+                            headers={"X-Client-Id": client_id, **headers})
+
+
+async def upload(client: Any, path: str, data: bytes, client_id: str = "laptop",
+                 file_first: bool = False, **fields: str) -> Any:
+    """POST /upload with the text fields before (or after) the file part."""
+    form = aiohttp.FormData()
+    text = {"relative_path": path, "client_id": client_id, **fields}
+    if file_first:
+        form.add_field("file", data, filename="blob")
+    for key, value in text.items():
+        form.add_field(key, value)
+    if not file_first:
+        form.add_field("file", data, filename="blob")
+    return await client.post("/upload", data=form)
+
+
+async def error_of(response: Any, status: int) -> dict[str, Any]:
+    """Assert the status and the contract's error shape; return the body."""
+    assert response.status == status, await response.text()
+    body = await response.json()
+    assert isinstance(body["error"], str) and isinstance(body["message"], str)
+    return body
+
+
+def tmp_files(data_dir: Path) -> list[str]:
+    """What is left in .syncd/tmp/."""
+    return sorted(os.listdir(data_dir / ".syncd" / "tmp"))
+
+
+# -- a real daemon ---------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Daemon:
+    """syncd.py running as a subprocess on a loopback port."""
+
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"daemon-{self.port}.log"
+        self.data = tmp_path / "data"
+        command = [sys.executable, str(ROOT / "syncd.py"), "--port", str(self.port),
+                   "--sync-directory", str(self.data), *args]
+        self.log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            command, cwd=tmp_path, stdout=self.log_file, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Wait until /health answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited: {self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"daemon not ready: {self.log()}")
+
+    def log(self) -> str:
+        """Everything the daemon printed so far."""
+        self.log_file.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, wait, return the exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout=20)
+        finally:
+            self.log_file.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start real daemons; each is stopped (SIGTERM, then SIGKILL) at the end."""
+    started: list[Daemon] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
+        instance = Daemon(tmp_path, *args, env=env)
+        started.append(instance)
+        instance.wait_ready()
+        return instance
+
+    yield start
+    for instance in started:
+        if instance.process.poll() is None:
+            instance.process.kill()
+            instance.process.wait(timeout=10)
+        instance.log_file.close()
