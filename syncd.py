@@ -89,6 +89,7 @@ WS_CLOSE_SILENT = 4000
 WS_CLOSE_REPLACED = 4001
 WS_CLOSE_OVERFLOW = 4002
 WS_CLOSE_GOING_AWAY = 1001
+WS_CLOSE_TIMEOUT = 2.0          # seconds for a close handshake before we cut the connection
 
 
 # ===========================================================================
@@ -1285,13 +1286,19 @@ class Hub:
         task.add_done_callback(self._closers.discard)
 
     async def _close(self, conn: Connection, code: int, reason: str) -> None:
+        closed = False
         try:
-            await asyncio.wait_for(conn.ws.close(code=code, message=reason.encode()), 5.0)
+            await asyncio.wait_for(conn.ws.close(code=code, message=reason.encode()),
+                                   WS_CLOSE_TIMEOUT)
+            closed = True
         except (asyncio.TimeoutError, ConnectionError, RuntimeError):
             pass
-        # A client that reads nothing never lets a close frame through; cut it.
-        if conn.transport is not None and not conn.transport.is_closing():
-            conn.transport.abort()
+        finally:
+            # A client that reads nothing never lets the close frame through, and
+            # transport.close() would wait for it forever (and the close can end
+            # cancelled, when aiohttp's drain waiter is): cut the connection.
+            if not closed and conn.transport is not None:
+                conn.transport.abort()
 
     async def _write(self, conn: Connection) -> None:
         try:
