@@ -997,26 +997,40 @@ class FileStore:
                 backup = f"old-{uuid.uuid4().hex}"
                 os.link(name, backup, src_dir_fd=parent, dst_dir_fd=tmp_fd,
                         follow_symlinks=False)
-            os.rename(staged.name, name, src_dir_fd=tmp_fd, dst_dir_fd=parent)
-            for fd in {parent, *grown}:
-                os.fsync(fd)
+            try:
+                os.rename(staged.name, name, src_dir_fd=tmp_fd, dst_dir_fd=parent)
+            except BaseException:
+                if backup is not None:
+                    os.unlink(backup, dir_fd=tmp_fd)
+                raise
+            swap = Swap(path, backup)
+            try:
+                for fd in {parent, *grown}:
+                    os.fsync(fd)
+            except BaseException:
+                self._undo_swap_in(swap, parent, tmp_fd)
+                raise
         finally:
             self._close_all([*fds, tmp_fd])
-        return Swap(path, backup)
+        return swap
 
     def undo_swap(self, swap: Swap) -> None:
         """Put back what swap_in replaced (or remove the new file)."""
-        *folders, name = swap.path.split("/")
-        fds, _ = self._walk(folders, create=False)
+        fds, _ = self._walk(swap.path.split("/")[:-1], create=False)
         tmp_fd = self._tmp_fd()
         try:
-            if swap.backup is not None:
-                os.rename(swap.backup, name, src_dir_fd=tmp_fd, dst_dir_fd=fds[-1])
-            else:
-                os.unlink(name, dir_fd=fds[-1])
-            os.fsync(fds[-1])
+            self._undo_swap_in(swap, fds[-1], tmp_fd)
         finally:
             self._close_all([*fds, tmp_fd])
+
+    @staticmethod
+    def _undo_swap_in(swap: Swap, parent: int, tmp_fd: int) -> None:
+        name = swap.path.rsplit("/", 1)[-1]
+        if swap.backup is not None:
+            os.rename(swap.backup, name, src_dir_fd=tmp_fd, dst_dir_fd=parent)
+        else:
+            os.unlink(name, dir_fd=parent)
+        os.fsync(parent)
 
     def finish_swap(self, swap: Swap) -> None:
         """Drop the replaced file once the new one is committed."""

@@ -1,0 +1,155 @@
+"""Storage: a failure at any step of a write leaves the old file and a consistent database."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import syncd
+from conftest import error_of, put, sha, tmp_files, upload
+
+
+def db_rows(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(data_dir / ".syncd" / "syncd.db") as db:
+        return db.execute(sql).fetchall()
+
+
+async def test_upload_is_durable_in_the_database(client: Any, data_dir: Path) -> None:
+    await put(client, "a.txt", b"hello")
+    assert db_rows(data_dir, "SELECT path, checksum, size, deleted FROM files") == [
+        ("a.txt", sha(b"hello"), 5, 0)]
+    assert db_rows(data_dir, "SELECT seq, type, path FROM changes") == [(1, "upsert", "a.txt")]
+    assert db_rows(data_dir, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_epoch_survives_a_restart(app_client: Any) -> None:
+    first = await app_client()
+    epoch = (await (await first.get("/health")).json())["epoch"]
+    await put(first, "a", b"1")
+    await first.close()
+    second = await app_client()
+    body = await (await second.get("/health")).json()
+    assert (body["epoch"], body["cursor"], body["files"]) == (epoch, 1, 1)
+
+
+async def test_leftover_temp_files_are_removed_at_start(app_client: Any, data_dir: Path) -> None:
+    first = await app_client()
+    await first.close()
+    (data_dir / ".syncd" / "tmp" / "upload-crashed").write_bytes(b"partial")
+    await app_client()
+    assert tmp_files(data_dir) == []
+
+
+def failing(exc: OSError) -> Any:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise exc
+    return fail
+
+
+async def test_failed_commit_puts_the_old_file_back(client: Any, data_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    await put(client, "a.txt", b"old")
+
+    async def broken_upsert(self: Any, *args: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+    monkeypatch.setattr(syncd.Transaction, "record_upsert", broken_upsert)
+    async with client.ws_connect("/ws/desk") as ws:
+        await ws.receive_json(timeout=5)
+        body = await error_of(await put(client, "a.txt", b"new"), 500)
+        assert body["error"] == "internal"
+        monkeypatch.undo()
+        await put(client, "b.txt", b"next")
+        assert (await ws.receive_json(timeout=5))["path"] == "b.txt"   # nothing for a.txt
+    assert (data_dir / "a.txt").read_bytes() == b"old"
+    assert db_rows(data_dir, "SELECT checksum FROM files WHERE path = 'a.txt'") == [(sha(b"old"),)]
+    assert tmp_files(data_dir) == []
+
+
+async def test_failed_commit_of_a_new_file_removes_it(client: Any, data_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken_upsert(self: Any, *args: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+    monkeypatch.setattr(syncd.Transaction, "record_upsert", broken_upsert)
+    await error_of(await put(client, "new/a.txt", b"x"), 500)
+    assert not (data_dir / "new" / "a.txt").exists()
+    assert tmp_files(data_dir) == []
+
+
+async def test_failed_delete_commit_puts_the_file_back(client: Any, data_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    await put(client, "d/a", b"1")
+    await put(client, "d/b", b"2")
+    calls = []
+
+    original = syncd.Transaction.record_delete
+
+    async def second_fails(self: Any, live: Any, client_id: str) -> Any:
+        calls.append(live.path)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return await original(self, live, client_id)
+    monkeypatch.setattr(syncd.Transaction, "record_delete", second_fails)
+    await error_of(await client.delete("/files/d", params={"client_id": "x"}), 500)
+    assert (data_dir / "d" / "a").read_bytes() == b"1"
+    assert (data_dir / "d" / "b").read_bytes() == b"2"
+    assert db_rows(data_dir, "SELECT COUNT(*) FROM files WHERE deleted = 0") == [(2,)]
+    assert tmp_files(data_dir) == []
+
+
+@pytest.mark.parametrize("step", ["write_and_hash", "fsync"])
+async def test_disk_full_is_507_and_keeps_the_old_file(client: Any, data_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       step: str) -> None:
+    await put(client, "a.txt", b"old")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if step == "fsync":
+        monkeypatch.setattr(syncd.os, "fsync", failing(full))
+    else:
+        monkeypatch.setattr(syncd, "write_and_hash", failing(full))
+    body = await error_of(await upload(client, "a.txt", b"new"), 507)
+    assert body["error"] == "insufficient_storage"
+    monkeypatch.undo()
+    assert (data_dir / "a.txt").read_bytes() == b"old"
+    assert tmp_files(data_dir) == []
+    assert (await put(client, "a.txt", b"later")).status == 200
+
+
+async def test_failed_rename_is_500_and_keeps_the_old_file(client: Any, data_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    await put(client, "a.txt", b"old")
+    monkeypatch.setattr(syncd.os, "rename", failing(OSError(errno.EIO, "I/O error")))
+    await error_of(await put(client, "a.txt", b"new"), 500)
+    monkeypatch.undo()
+    assert (data_dir / "a.txt").read_bytes() == b"old"
+    assert tmp_files(data_dir) == []
+    assert db_rows(data_dir, "SELECT COUNT(*) FROM changes") == [(1,)]
+
+
+async def test_client_disconnect_mid_upload_leaves_nothing(client: Any, data_dir: Path) -> None:
+    import asyncio
+
+    async def body() -> Any:
+        yield b"x" * 100_000
+        await asyncio.sleep(0.2)
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(Exception):
+        await client.put("/files/partial.bin", data=body(), headers={"X-Client-Id": "a"})
+    for _ in range(100):
+        if not tmp_files(data_dir):
+            break
+        await asyncio.sleep(0.05)
+    assert tmp_files(data_dir) == []
+    assert not (data_dir / "partial.bin").exists()
+    assert db_rows(data_dir, "SELECT COUNT(*) FROM changes") == [(0,)]
+
+
+async def test_files_are_plain_files_an_admin_can_read(client: Any, data_dir: Path) -> None:
+    await upload(client, "photos/2024/cat.jpg", b"\xff\xd8meow")
+    assert (data_dir / "photos" / "2024" / "cat.jpg").read_bytes() == b"\xff\xd8meow"
+    assert oct(os.stat(data_dir / "photos" / "2024" / "cat.jpg").st_mode & 0o004) != "0o0"
