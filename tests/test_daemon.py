@@ -1,0 +1,121 @@
+"""The real daemon as a subprocess: start, serve, log, stop; memory during a big upload."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from conftest import ROOT, Daemon, free_port
+
+
+def request(daemon: Daemon, method: str, path: str, body: Any = None,
+            headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=120)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the process's peak resident memory so far."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_serves_logs_requests_and_stops_cleanly_on_sigterm(daemon: Any) -> None:
+    server = daemon()
+    status, body = request(server, "PUT", "/files/a.txt", b"hello", {"X-Client-Id": "desk"})
+    assert status == 201
+    assert request(server, "GET", "/download/a.txt") == (200, b"hello")
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=20) == 0
+    log = server.log()
+    assert "PUT /files/a.txt 201" in log and "client=desk" in log
+    assert "stored a.txt" in log and "stopped" in log
+    assert "Traceback" not in log
+
+
+def test_sigint_also_stops_cleanly(daemon: Any) -> None:
+    server = daemon()
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=20) == 0
+
+
+def test_port_in_use_exits_1_with_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "syncd.py"), "--port", str(port),
+             "--sync-directory", str(tmp_path / "data")],
+            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_runs_with_defaults_from_the_repo_config(tmp_path: Path) -> None:
+    """`python syncd.py` in a fresh folder: ./sync_data is created and served."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "syncd.py"), "--port", str(port)],
+                               cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        assert (tmp_path / "sync_data" / ".syncd" / "syncd.db").exists()
+    finally:
+        process.terminate()
+        assert process.wait(timeout=20) == 0
+
+
+def zeros(total: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    block = b"\0" * chunk
+    for _ in range(total // chunk):
+        yield block
+
+
+def test_large_upload_keeps_memory_small(daemon: Any) -> None:
+    """256 MiB streamed through PUT and through multipart: peak RSS stays far under 100 MB."""
+    server = daemon("--max-file-size", "1GiB")
+    size = 256 * 1024 * 1024
+    status, body = request(server, "PUT", "/files/big.bin", zeros(size),
+                           {"X-Client-Id": "desk", "Content-Length": str(size)})
+    assert status == 201, body
+    assert json.loads(body)["size"] == size
+    boundary = "syncdboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"relative_path\"\r\n\r\n"
+            f"big2.bin\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"client_id\""
+            f"\r\n\r\ndesk\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"b\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def multipart() -> Iterator[bytes]:
+        yield head
+        yield from zeros(size)
+        yield tail
+    status, body = request(server, "POST", "/upload", multipart(), {
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(len(head) + size + len(tail))})
+    assert status == 200, body
+    assert peak_rss_mb(server.process.pid) < 100
+    assert (server.data / "big2.bin").stat().st_size == size
