@@ -188,3 +188,10 @@ async def test_folder_where_a_file_is_needed_is_a_conflict(client: Any, data_dir
     body = await error_of(await put(client, "a", b"file"), 409)
     assert body["error"] == "conflict"
     assert (data_dir / "a" / "b").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+async def test_empty_path_in_url_is_invalid_path(client: Any, method: str) -> None:
+    response = await client.request(method, "/files/", params={"client_id": "laptop"},
+                                    headers={"X-Client-Id": "laptop"})
+    assert (await error_of(response, 400))["error"] == "invalid_path"
