@@ -153,3 +153,31 @@ async def test_files_are_plain_files_an_admin_can_read(client: Any, data_dir: Pa
     await upload(client, "photos/2024/cat.jpg", b"\xff\xd8meow")
     assert (data_dir / "photos" / "2024" / "cat.jpg").read_bytes() == b"\xff\xd8meow"
     assert oct(os.stat(data_dir / "photos" / "2024" / "cat.jpg").st_mode & 0o004) != "0o0"
+
+
+async def test_write_order_is_fsync_rename_fsync_folder_then_commit(
+        client: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat as stat_module
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+    real_upsert = syncd.Transaction.record_upsert
+
+    def fsync(fd: int) -> None:
+        kind = "folder" if stat_module.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        events.append(f"fsync {kind}")
+        real_fsync(fd)
+
+    def rename(*args: Any, **kwargs: Any) -> None:
+        events.append("rename")
+        real_rename(*args, **kwargs)
+
+    async def upsert(self: Any, *args: Any) -> Any:
+        events.append("commit")
+        return await real_upsert(self, *args)
+    monkeypatch.setattr(syncd.os, "fsync", fsync)
+    monkeypatch.setattr(syncd.os, "rename", rename)
+    monkeypatch.setattr(syncd.Transaction, "record_upsert", upsert)
+    assert (await put(client, "new/folder/a.txt", b"x")).status == 201
+    assert events[:2] == ["fsync file", "rename"]
+    assert events[2:-1] == ["fsync folder"] * (len(events) - 3) and len(events) >= 4
+    assert events[-1] == "commit"
