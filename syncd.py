@@ -47,6 +47,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import stat
 import sys
 import time
@@ -54,7 +55,7 @@ import tomllib
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,6 +90,7 @@ WS_CLOSE_SILENT = 4000
 WS_CLOSE_REPLACED = 4001
 WS_CLOSE_OVERFLOW = 4002
 WS_CLOSE_GOING_AWAY = 1001
+STATUS_INTERVAL = 10.0          # seconds between STATUS= updates to systemd
 WS_CLOSE_TIMEOUT = 2.0          # seconds for a close handshake before we cut the connection
 
 
@@ -117,6 +119,12 @@ class Config:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     ws_queue_size: int = 1000
+    metrics_public: bool = False
+
+
+# Settings a SIGHUP cannot change: they need a restart.
+RESTART_SETTINGS = ("host", "port", "sync_directory", "shutdown_timeout")
+SECRET_SETTINGS = ("api_key",)
 
 
 SIZE_UNITS = {
@@ -241,6 +249,7 @@ SETTING_PARSERS: dict[str, Callable[[Any], Any]] = {
     "shutdown_timeout": parse_seconds,
     "log_level": parse_log_level,
     "ws_queue_size": parse_positive_whole,
+    "metrics_public": parse_bool,
 }
 assert set(SETTING_PARSERS) == {f.name for f in fields(Config)}
 
@@ -309,6 +318,26 @@ def load_config(
     return config
 
 
+def describe_config(config: Config) -> str:
+    """The effective settings as TOML lines, secrets masked (for --check-config)."""
+    lines = []
+    for setting in fields(Config):
+        value = getattr(config, setting.name)
+        if value is None:
+            lines.append(f"# {setting.name} is not set")
+            continue
+        if setting.name in SECRET_SETTINGS:
+            value = "********"
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = json.dumps(list(value))
+        else:
+            text = json.dumps(value)
+        lines.append(f"{setting.name} = {text}")
+    return "\n".join(lines)
+
+
 # ===========================================================================
 # Logging
 # ===========================================================================
@@ -349,6 +378,11 @@ def setup_logging(level: str, environ: Mapping[str, str]) -> None:
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.handlers[:] = [handler]
     log.propagate = False
+    set_log_level(level)
+
+
+def set_log_level(level: str) -> None:
+    """Change syncd's log level (at start and on reload)."""
     log.setLevel(level.upper())
 
 
@@ -787,9 +821,13 @@ class MetadataStore:
 
     async def count_live(self) -> int:
         """How many live files there are."""
+        return (await self.live_totals())[0]
+
+    async def live_totals(self) -> tuple[int, int]:
+        """How many live files there are, and their bytes."""
         rows = await self.reader.execute_fetchall(
-            "SELECT COUNT(*) FROM files WHERE deleted = 0")
-        return int(rows[0][0])
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE deleted = 0")
+        return int(rows[0][0]), int(rows[0][1])
 
     async def changes_since(self, since: int, limit: int) -> tuple[list[Change], int, bool]:
         """Journal entries with seq > since (at most limit), the cursor, and whether more wait."""
@@ -1246,6 +1284,12 @@ class Hub:
         self._closers: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
+    def configure(self, config: Config) -> None:
+        """Take new heartbeat and queue settings (on reload; queues of open sockets keep theirs)."""
+        self.queue_size = config.ws_queue_size
+        self.heartbeat_interval = config.heartbeat_interval
+        self.heartbeat_timeout = config.heartbeat_timeout
+
     def start(self) -> None:
         """Start pinging clients and closing silent ones."""
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -1354,6 +1398,85 @@ class Hub:
 
 
 # ===========================================================================
+# Metrics (Prometheus text format)
+# ===========================================================================
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Histogram:
+    """Cumulative-bucket histogram of request durations for one route."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        """Count one observation."""
+        for index, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                self.buckets[index] += 1
+        self.total += seconds
+        self.count += 1
+
+
+@dataclass
+class Metrics:
+    """Counters kept in memory since start; gauges are read at scrape time."""
+
+    requests: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    durations: dict[str, Histogram] = field(default_factory=dict)
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    uploads: int = 0
+    deletes: int = 0
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count a finished request."""
+        key = (route, method, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.durations.setdefault(route, Histogram()).observe(seconds)
+
+    def render(self, gauges: Sequence[tuple[str, str, float]]) -> str:
+        """The exposition text: these counters, then the gauges (name, help, value)."""
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        family("syncd_http_requests_total", "counter", "HTTP requests by route, method and status.")
+        for (route, method, status), count in sorted(self.requests.items()):
+            out.append(f'syncd_http_requests_total{{route="{label(route)}",method="{method}",'
+                       f'status="{status}"}} {count}')
+        family("syncd_http_request_duration_seconds", "histogram", "Time to answer a request.")
+        for route, histogram in sorted(self.durations.items()):
+            name, route_label = "syncd_http_request_duration_seconds", label(route)
+            for bound, count in zip(DURATION_BUCKETS, histogram.buckets):
+                out.append(f'{name}_bucket{{route="{route_label}",le="{bound}"}} {count}')
+            out.append(f'{name}_bucket{{route="{route_label}",le="+Inf"}} {histogram.count}')
+            out.append(f'{name}_sum{{route="{route_label}"}} {histogram.total:.6f}')
+            out.append(f'{name}_count{{route="{route_label}"}} {histogram.count}')
+        for name, value, help_text in (
+                ("syncd_received_bytes_total", self.bytes_received, "File bytes received in uploads."),
+                ("syncd_sent_bytes_total", self.bytes_sent, "File bytes sent in downloads."),
+                ("syncd_uploads_total", self.uploads, "Uploads stored as a new revision."),
+                ("syncd_deletes_total", self.deletes, "Files deleted.")):
+            family(name, "counter", help_text)
+            out.append(f"{name} {value}")
+        for name, help_text, gauge in gauges:
+            family(name, "gauge", help_text)
+            out.append(f"{name} {gauge:g}")
+        return "\n".join(out) + "\n"
+
+
+def label(value: str) -> str:
+    """A Prometheus label value, escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# ===========================================================================
 # HTTP: request parsing helpers
 # ===========================================================================
 
@@ -1365,8 +1488,12 @@ class State:
     store: MetadataStore
     files: FileStore
     hub: Hub
+    metrics: Metrics = field(default_factory=Metrics)
     started: float = field(default_factory=time.monotonic)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    stopping: bool = False
 
 
 STATE = web.AppKey("state", State)
@@ -1549,8 +1676,14 @@ def file_deleted_event(record: FileRecord) -> dict[str, Any]:
 async def stage_body(state: State, chunks: AsyncIterator[bytes]) -> StagedFile:
     """Stream a body to a temp file; 413 (nothing kept) past max_file_size."""
     limit = state.config.max_file_size
+    metrics = state.metrics
+
+    async def counted() -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            metrics.bytes_received += len(chunk)
+            yield chunk
     try:
-        return await state.files.stage(chunks, limit)
+        return await state.files.stage(counted(), limit)
     except TooLarge:
         raise ApiError(413, "too_large", f"the file exceeds max_file_size ({limit} bytes)") from None
 
@@ -1583,6 +1716,7 @@ async def commit_staged(state: State, staged: StagedFile, path: str, client_id: 
                                             modified_time, client_id)
             tx.after_commit.append(lambda: hub.publish(file_changed_event(record), client_id))
         files.finish_swap(swap)
+        state.metrics.uploads += 1
     finally:
         files.discard(staged)
     log.info("stored %s (%d bytes, revision %d) from %s",
@@ -1616,6 +1750,7 @@ async def delete_files(state: State, path: str, client_id: str,
             tomb = await tx.record_delete(target, client_id)
             tx.after_commit.append(
                 lambda tomb=tomb: hub.publish(file_deleted_event(tomb), client_id))
+    state.metrics.deletes += len(targets)
     for removal in removals:
         await loop.run_in_executor(None, files.finish_remove, removal)
     log.info("deleted %s (%d file(s), revision %d) for %s",
@@ -1678,7 +1813,8 @@ async def open_for_download(state: State, path: str) -> tuple[Any, FileRecord]:
     return handle, record
 
 
-async def send_file(request: web.Request, handle: Any, record: FileRecord) -> web.StreamResponse:
+async def send_file(request: web.Request, handle: Any, record: FileRecord,
+                    metrics: Metrics) -> web.StreamResponse:
     """Answer with the open file (sendfile), honouring Range and If-None-Match."""
     size = os.fstat(handle.fileno()).st_size
     headers = {
@@ -1708,14 +1844,17 @@ async def send_file(request: web.Request, handle: Any, record: FileRecord) -> we
     loop = asyncio.get_running_loop()
     try:
         await loop.sendfile(transport, handle, offset, count)
+        sent = count
     except NotImplementedError:   # no sendfile for this transport (TLS, some event loops)
         handle.seek(offset)
-        while count > 0:
-            chunk = await loop.run_in_executor(None, handle.read, min(CHUNK_SIZE, count))
+        sent = 0
+        while sent < count:
+            chunk = await loop.run_in_executor(None, handle.read, min(CHUNK_SIZE, count - sent))
             if not chunk:
                 break
             await response.write(chunk)
-            count -= len(chunk)
+            sent += len(chunk)
+    metrics.bytes_sent += sent
     await response.write_eof()
     return response
 
@@ -1936,7 +2075,7 @@ async def handle_download(request: web.Request) -> web.StreamResponse:
     path = validate_path(request.match_info["path"])
     handle, record = await open_for_download(state, path)
     try:
-        return await send_file(request, handle, record)
+        return await send_file(request, handle, record, state.metrics)
     finally:
         handle.close()
 
@@ -2014,9 +2153,64 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def handle_metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format."""
+    state = state_of(request)
+    files, stored = await state.store.live_totals()
+    text = state.metrics.render([
+        ("syncd_websocket_clients", "WebSocket clients connected now.", len(state.hub.connections)),
+        ("syncd_files", "Live files stored.", files),
+        ("syncd_stored_bytes", "Bytes of the live files stored.", stored),
+        ("syncd_cursor", "The last change's seq.", state.store.cursor),
+        ("syncd_uptime_seconds", "Seconds since start.", time.monotonic() - state.started),
+    ])
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
 # ===========================================================================
-# HTTP: middlewares (errors, auth) and the access log
+# HTTP: middlewares (metrics, errors, auth) and the access log
 # ===========================================================================
+
+def route_name(request: web.Request) -> str:
+    """The route's pattern, e.g. /files/{path} (bounded: never the request's own path)."""
+    route = request.match_info.route
+    canonical = route.resource.canonical if route.resource is not None else None
+    return canonical.replace("{path:.*}", "{path}") if canonical else "unmatched"
+
+
+@web.middleware
+async def in_flight_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Count requests in progress, so that shutdown can wait for them (see drain)."""
+    state = state_of(request)
+    state.in_flight += 1
+    state.idle.clear()
+    try:
+        response = await handler(request)
+        if state.stopping and not response.prepared:
+            response.force_close()     # no further request on this connection
+        return response
+    finally:
+        state.in_flight -= 1
+        if state.in_flight == 0:
+            state.idle.set()
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Count every request by route, method and final status, and time it."""
+    started = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        state_of(request).metrics.observe_request(
+            route_name(request), request.method, status, time.monotonic() - started)
 
 HTTP_ERROR_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found",
                     405: "method_not_allowed", 413: "too_large"}
@@ -2076,9 +2270,11 @@ def key_matches(presented: str, expected: str) -> bool:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """401 unless the request carries the configured API key (/health is open)."""
-    expected = state_of(request).config.api_key
-    if expected is not None and request.path != "/health":
+    """401 unless the request carries the configured API key (/health, and /metrics if public, are open)."""
+    config = state_of(request).config
+    expected = config.api_key
+    open_paths = ("/health", "/metrics") if config.metrics_public else ("/health",)
+    if expected is not None and request.path not in open_paths:
         presented = presented_key(request)
         if presented is None or not key_matches(presented, expected):
             error = ApiError(401, "unauthorized", "a valid API key is required",
@@ -2136,7 +2332,8 @@ def make_app(config: Config) -> web.Application:
         files=FileStore(root),
         hub=Hub(config.ws_queue_size, config.heartbeat_interval, config.heartbeat_timeout),
     )
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
+    app = web.Application(middlewares=[in_flight_middleware, metrics_middleware,
+                                       error_middleware, auth_middleware],
                           client_max_size=JSON_BODY_LIMIT)
     app[STATE] = state
     app.cleanup_ctx.append(storage_context)
@@ -2153,19 +2350,138 @@ def make_app(config: Config) -> web.Application:
     app.router.add_get("/download/{path:.*}", handle_download)  # HEAD too
     app.router.add_get("/changes", handle_changes)
     app.router.add_get("/ws/{client_id}", handle_ws)
+    app.router.add_get("/metrics", handle_metrics)
     return app
 
 
 # ===========================================================================
-# Daemon: runner and signals
+# Daemon: runner, signals, systemd notify, reload
 # ===========================================================================
 
-async def run_daemon(config: Config) -> int:
-    """Serve until SIGTERM or SIGINT; then stop accepting, finish, close; 0 on a clean stop."""
+class Notifier:
+    """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET; nothing when it is unset."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        address = environ.get("NOTIFY_SOCKET", "")
+        # "@name" is a socket in the abstract namespace (sd_notify(3)).
+        self.address = ("\0" + address[1:] if address.startswith("@") else address) or None
+        self.watchdog_interval = watchdog_interval(environ)
+        self._socket: socket.socket | None = None
+
+    def send(self, *assignments: str) -> None:
+        """Send VAR=value lines in one datagram; a failure is logged, never raised."""
+        if self.address is None:
+            return
+        try:
+            if self._socket is None:
+                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._socket.sendto("\n".join(assignments).encode(), self.address)
+        except OSError as exc:
+            log.warning("cannot notify systemd: %s", exc)
+
+    def close(self) -> None:
+        """Close the socket."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+def watchdog_interval(environ: Mapping[str, str]) -> float | None:
+    """Seconds between WATCHDOG=1 pings: half of $WATCHDOG_USEC, if it is meant for us."""
+    try:
+        usec = int(environ["WATCHDOG_USEC"])
+        pid = int(environ.get("WATCHDOG_PID", os.getpid()))
+    except (KeyError, ValueError):
+        return None
+    return usec / 2e6 if usec > 0 and pid == os.getpid() else None
+
+
+def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds, for RELOADING=1."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+async def status_line(state: State) -> str:
+    """STATUS= for systemctl status."""
+    files = await state.store.count_live()
+    return f"STATUS=serving {files} files, {len(state.hub.connections)} clients connected"
+
+
+async def send_watchdog(notifier: Notifier, interval: float) -> None:
+    """WATCHDOG=1 from the event loop itself: if the loop hangs, systemd notices."""
+    while True:
+        notifier.send("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def send_status(notifier: Notifier, state: State) -> None:
+    """STATUS= every few seconds."""
+    while True:
+        await asyncio.sleep(STATUS_INTERVAL)
+        with contextlib.suppress(Exception):
+            notifier.send(await status_line(state))
+
+
+def apply_config(state: State, new: Config) -> None:
+    """Make a reloaded config current; settings that need a restart keep their old value."""
+    old = state.config
+    for name in RESTART_SETTINGS:
+        if getattr(new, name) != getattr(old, name):
+            log.warning("%s changed in the configuration: it takes effect after a restart", name)
+    state.config = replace(new, **{name: getattr(old, name) for name in RESTART_SETTINGS})
+    state.hub.configure(state.config)
+
+
+async def reload_config(state: State, notifier: Notifier,
+                        load: Callable[[], Config]) -> None:
+    """SIGHUP: read the configuration again; a bad one is logged and the old one kept."""
+    notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
+    try:
+        apply_config(state, load())
+        log.info("configuration reloaded")
+        set_log_level(state.config.log_level)     # after the line above, which it may silence
+    except ConfigError as exc:
+        log.error("configuration not reloaded, keeping the old one: %s", exc)
+    notifier.send("READY=1", await status_line(state))
+
+
+async def drain(runner: web.AppRunner, state: State) -> None:
+    """Stop accepting, close WebSockets (1001), and let requests in flight finish.
+
+    aiohttp's own graceful shutdown stops reading from connections at once
+    (aio-libs/aiohttp#2298), so an upload whose body is still arriving could
+    never finish; we wait for it here, up to shutdown_timeout, before
+    runner.cleanup() closes what is left.
+    """
+    state.stopping = True
+    for site in list(runner.sites):
+        await site.stop()
+    await state.hub.close_all(WS_CLOSE_GOING_AWAY)
+    if state.in_flight:
+        log.info("waiting for %d request(s) in flight", state.in_flight)
+        try:
+            await asyncio.wait_for(state.idle.wait(), state.config.shutdown_timeout)
+        except asyncio.TimeoutError:
+            log.warning("%d request(s) still running after shutdown_timeout: cutting them off",
+                        state.in_flight)
+
+
+async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
+                     environ: Mapping[str, str] = os.environ) -> int:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads. 0 on a clean stop, 1 if we cannot listen."""
+    notifier = Notifier(environ)
     app = make_app(config)
+    state = app[STATE]
     runner = web.AppRunner(app, handle_signals=False, access_log_class=AccessLogger,
                            access_log=access_log, shutdown_timeout=config.shutdown_timeout)
     await runner.setup()
+    tasks: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+
+    def spawn(work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
     try:
         site = web.TCPSite(runner, config.host, config.port)
         try:
@@ -2174,14 +2490,24 @@ async def run_daemon(config: Config) -> int:
             log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
             return 1
         log.info("syncd %s listening on http://%s:%d", __version__, config.host, config.port)
+        notifier.send("READY=1", await status_line(state))
+        if notifier.watchdog_interval:
+            spawn(send_watchdog(notifier, notifier.watchdog_interval))
+        spawn(send_status(notifier, state))
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if load is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload_config(state, notifier, load)))
         await stop.wait()
         log.info("shutting down")
+        notifier.send("STOPPING=1", "STATUS=shutting down")
+        await drain(runner, state)
     finally:
+        for task in list(tasks):
+            task.cancel()
         await runner.cleanup()
+        notifier.close()
     log.info("stopped")
     return 0
 
@@ -2195,6 +2521,8 @@ def server_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="syncd.py", description="syncd: a self-hosted file synchronization server.")
     parser.add_argument("--config", help="the TOML file to read (default: ./syncd.toml if present)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, print the effective settings, exit 0 or 2")
     parser.add_argument("--version", action="version", version=f"syncd {__version__}")
     for setting in fields(Config):
         flag = "--" + setting.name.replace("_", "-")
@@ -2208,15 +2536,22 @@ def server_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse flags, load the config (exit 2 on a bad one), serve."""
     args = server_parser().parse_args(argv)
-    flags = {key: value for key, value in vars(args).items() if key != "config"}
+    flags = {key: value for key, value in vars(args).items()
+             if key not in ("config", "check_config")}
+
+    def load() -> Config:
+        return load_config(args.config, os.environ, flags)
     try:
-        config = load_config(args.config, os.environ, flags)
+        config = load()
     except ConfigError as exc:
         print(f"syncd: {exc}", file=sys.stderr)
         return 2
+    if args.check_config:
+        print(describe_config(config))
+        return 0
     setup_logging(config.log_level, os.environ)
     try:
-        return asyncio.run(run_daemon(config))
+        return asyncio.run(run_daemon(config, load))
     except KeyboardInterrupt:
         return 0
 
