@@ -16,7 +16,7 @@ ROUTES = [
     ("GET", "/files"), ("PUT", "/files/a.txt"), ("GET", "/files/a.txt"),
     ("HEAD", "/files/a.txt"), ("DELETE", "/files/a.txt?client_id=x"),
     ("GET", "/download/a.txt"), ("HEAD", "/download/a.txt"), ("GET", "/changes"),
-    ("GET", "/ws/desk"), ("GET", "/no-such-route"),
+    ("GET", "/ws/desk"), ("GET", "/metrics"), ("GET", "/no-such-route"),
 ]
 
 

@@ -1,0 +1,189 @@
+"""syncd installed as in the README and run by a real systemd, booted in a
+container (systemd-nspawn from Debian's systemd-container). Skips where it cannot boot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port
+
+KEY = "container-key"
+
+
+def skip_reason() -> str | None:
+    """Why a container cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if shutil.which("systemd-nspawn") is None or shutil.which("nsenter") is None:
+        return "systemd-nspawn (Debian: systemd-container) is not installed"
+    if not Path("/usr/bin/python3").exists() or not Path("/lib/systemd/systemd").exists():
+        return "no system python3 or systemd to boot"
+    version = subprocess.run(["/usr/bin/python3", "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        return f"/usr/bin/python3 is {version}, the test venv {sys.version_info[:2]}"
+    return None
+
+
+class Container:
+    """A booted systemd in a container, with /opt/syncd and /etc/syncd bound in."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.opt = tmp_path / "opt-syncd"
+        self.etc = tmp_path / "etc-syncd"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp_path / "nspawn.log", "wb")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.pid = 0
+
+    def install(self) -> None:
+        """What the README's install steps put on disk, from this checkout."""
+        self.opt.mkdir()
+        for name in ("syncd.py", "README.md"):
+            shutil.copy(ROOT / name, self.opt / name)
+        # The container has the host's /usr: a venv of Debian's python3 with
+        # this venv's packages (the same 3.11 ABI) stands in for `pip install`.
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(self.opt / ".venv")],
+                       check=True, timeout=60)
+        target = self.opt / ".venv" / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+        shutil.copytree(sysconfig.get_paths()["purelib"], target, dirs_exist_ok=True)
+        self.etc.mkdir()
+        config = (ROOT / "syncd.toml").read_text().replace("port = 8000", f"port = {self.port}")
+        (self.etc / "syncd.toml").write_text(config)
+        (self.etc / "api_key").write_text(KEY + "\n")
+        (self.etc / "api_key").chmod(0o600)
+
+    def boot(self) -> None:
+        """Start the container and wait until its systemd is up."""
+        self.process = subprocess.Popen(
+            ["systemd-nspawn", "--register=no", "--keep-unit", "--volatile=yes", "-D", "/",
+             "--boot", "--console=pipe", "-M", f"syncdtest{os.getpid()}",
+             f"--bind-ro={self.opt}:/opt/syncd", f"--bind={self.etc}:/etc/syncd"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "0"})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.process.poll() is None:
+            found = subprocess.run(["pgrep", "-P", str(self.process.pid), "-x", "systemd"],
+                                   capture_output=True, text=True).stdout.split()
+            if found:
+                self.pid = int(found[0])
+                state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
+                if state in ("running", "degraded"):
+                    return
+            time.sleep(0.2)
+        pytest.skip(f"the container did not boot: {(self.log.name and Path(self.log.name).read_text(errors='replace'))[-500:]}")
+
+    def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """A command inside the container."""
+        return subprocess.run(["nsenter", "-t", str(self.pid), "-a", *command],
+                              capture_output=True, text=True, timeout=60, check=check)
+
+    def install_unit(self) -> None:
+        """The unit goes to /run/systemd/system inside, then daemon-reload."""
+        units = Path(f"/proc/{self.pid}/root/run/systemd/system")
+        units.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / "systemd" / "syncd.service", units / "syncd.service")
+        self.run("systemctl", "daemon-reload")
+
+    def show(self, prop: str) -> str:
+        """systemctl show -p PROP --value syncd."""
+        return self.run("systemctl", "show", "-p", prop, "--value", "syncd").stdout.strip()
+
+    def journal(self, *extra: str) -> str:
+        """journalctl -u syncd."""
+        return self.run("journalctl", "-u", "syncd", "--no-pager", *extra).stdout
+
+    def stop(self) -> None:
+        """SIGTERM to nspawn powers the container off."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def container(tmp_path: Path) -> Iterator[Container]:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    box = Container(tmp_path)
+    try:
+        box.install()
+        box.boot()
+        box.install_unit()
+        yield box
+    finally:
+        box.stop()
+
+
+def http(url: str, method: str = "GET", data: bytes | None = None,
+         headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_service_runs_reloads_logs_and_stops_under_systemd(container: Container) -> None:
+    container.run("systemctl", "start", "syncd")
+    assert container.show("ActiveState") == "active"
+    assert container.show("StatusText").startswith("serving 0 files")
+    assert http(container.url + "/health") == 200
+    assert http(container.url + "/files") == 401                       # the credential is the key
+    auth = {"Authorization": f"Bearer {KEY}", "X-Client-Id": "host"}
+    assert http(container.url + "/files/hello.txt", "PUT", b"hello", auth) == 201
+
+    container.run("systemctl", "reload", "syncd")                      # SIGHUP, RELOADING=1, READY=1
+    assert container.show("ActiveState") == "active"
+    wait_until(lambda: "configuration reloaded" in container.journal(), "the reload")
+    assert container.show("StatusText").startswith("serving 1 files")
+
+    verbose = container.journal("-o", "verbose")
+    listening = verbose.split("MESSAGE=syncd: syncd ")[0].rsplit("PRIORITY=", 1)[1][:1]
+    assert listening == "6"                                            # <6> prefix became PRIORITY=6
+    (container.etc / "syncd.toml").write_text("max_file_size = 'enormous'\n")
+    container.run("systemctl", "reload", "syncd")
+    wait_until(lambda: "configuration not reloaded" in container.journal(), "the failed reload")
+    assert "configuration not reloaded" in container.journal("-p", "err")   # PRIORITY=3
+    assert container.show("ActiveState") == "active"                   # the old config serves on
+    assert http(container.url + "/files", headers=auth) == 200
+
+    container.run("systemctl", "stop", "syncd")
+    assert container.show("ActiveState") == "inactive"
+    assert container.show("ExecMainStatus") == "0"
+    assert "stopped" in container.journal()
+
+    # A bad config exits 2, and the unit does not restart it in a loop.
+    container.run("systemctl", "start", "syncd", check=False)
+    time.sleep(3)                                                      # longer than RestartSec
+    assert container.show("ExecMainStatus") == "2"
+    assert container.show("NRestarts") == "0"
+    assert container.show("ActiveState") == "failed"
+    assert "max_file_size" in container.journal()
