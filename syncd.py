@@ -48,6 +48,7 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 import time
@@ -91,7 +92,12 @@ WS_CLOSE_REPLACED = 4001
 WS_CLOSE_OVERFLOW = 4002
 WS_CLOSE_GOING_AWAY = 1001
 STATUS_INTERVAL = 10.0          # seconds between STATUS= updates to systemd
-WS_CLOSE_TIMEOUT = 2.0          # seconds for a close handshake before we cut the connection
+WS_CLOSE_TIMEOUT = 2.0
+WS_CLOSE_POLICY = 1008          # a client sending faster than WS_MESSAGE_RATE
+WS_MESSAGE_RATE = 20.0          # messages a second a client may send, on average...
+WS_MESSAGE_BURST = 100.0        # ...with bursts of up to this many
+EXIT_CONFIG = 2                 # bad configuration: systemd must not restart us
+EXIT_MASS_VANISH = 3            # most known files are gone: an admin must look first          # seconds for a close handshake before we cut the connection
 
 
 # ===========================================================================
@@ -120,10 +126,13 @@ class Config:
     log_level: str = "info"
     ws_queue_size: int = 1000
     metrics_public: bool = False
+    max_websocket_clients: int = 10000
+    upload_idle_timeout: float = 60.0
+    header_timeout: float = 60.0
 
 
 # Settings a SIGHUP cannot change: they need a restart.
-RESTART_SETTINGS = ("host", "port", "sync_directory", "shutdown_timeout")
+RESTART_SETTINGS = ("host", "port", "sync_directory", "shutdown_timeout", "header_timeout")
 SECRET_SETTINGS = ("api_key",)
 
 
@@ -250,6 +259,9 @@ SETTING_PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_level": parse_log_level,
     "ws_queue_size": parse_positive_whole,
     "metrics_public": parse_bool,
+    "max_websocket_clients": parse_positive_whole,
+    "upload_idle_timeout": parse_seconds,
+    "header_timeout": parse_seconds,
 }
 assert set(SETTING_PARSERS) == {f.name for f in fields(Config)}
 
@@ -499,6 +511,7 @@ class FileRecord:
     deleted: bool
     time: float
     client_id: str
+    mtime_ns: int = -1     # st_mtime_ns of the file when committed: start-up recovery's "unchanged"
 
     def to_json(self) -> dict[str, Any]:
         """The contract's file entry."""
@@ -553,7 +566,8 @@ CREATE TABLE IF NOT EXISTS files (
     revision      INTEGER NOT NULL,
     deleted       INTEGER NOT NULL,
     time          REAL NOT NULL,
-    client_id     TEXT NOT NULL
+    client_id     TEXT NOT NULL,
+    mtime_ns      INTEGER NOT NULL DEFAULT -1
 );
 CREATE INDEX IF NOT EXISTS files_live_fold ON files (fold) WHERE deleted = 0;
 CREATE TABLE IF NOT EXISTS changes (
@@ -576,13 +590,13 @@ CREATE TABLE IF NOT EXISTS clients (
 );
 """
 
-FILE_COLUMNS = "path, checksum, size, modified_time, revision, deleted, time, client_id"
+FILE_COLUMNS = "path, checksum, size, modified_time, revision, deleted, time, client_id, mtime_ns"
 CHANGE_COLUMNS = "seq, type, path, checksum, size, modified_time, client_id, time"
 
 
 def file_record(row: Sequence[Any]) -> FileRecord:
     """A FileRecord from a row of FILE_COLUMNS."""
-    return FileRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7])
+    return FileRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7], row[8])
 
 
 def folder_range(prefix: str) -> tuple[str, str]:
@@ -655,8 +669,8 @@ class Transaction:
                 return case_conflict(own, "/".join(twin.split("/")[:depth]))
         return None
 
-    async def record_upsert(self, path: str, checksum: str, size: int,
-                            modified_time: float, client_id: str) -> FileRecord:
+    async def record_upsert(self, path: str, checksum: str, size: int, modified_time: float,
+                            client_id: str, mtime_ns: int) -> FileRecord:
         """Journal a new version of path and make it the live file."""
         now = time.time()
         cursor = await self.db.execute(
@@ -667,10 +681,15 @@ class Transaction:
         assert seq is not None
         await self.db.execute(
             "INSERT OR REPLACE INTO files (path, fold, checksum, size, modified_time,"
-            " revision, deleted, time, client_id) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
-            (path, fold_path(path), checksum, size, modified_time, seq, now, client_id))
+            " revision, deleted, time, client_id, mtime_ns) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+            (path, fold_path(path), checksum, size, modified_time, seq, now, client_id, mtime_ns))
         self.last_seq = seq
-        return FileRecord(path, checksum, size, modified_time, seq, False, now, client_id)
+        return FileRecord(path, checksum, size, modified_time, seq, False, now, client_id,
+                          mtime_ns)
+
+    async def record_mtime(self, path: str, mtime_ns: int) -> None:
+        """Note a new mtime for unchanged bytes (touched behind our back): no change to journal."""
+        await self.db.execute("UPDATE files SET mtime_ns = ? WHERE path = ?", (mtime_ns, path))
 
     async def record_delete(self, live: FileRecord, client_id: str) -> FileRecord:
         """Journal the deletion of a live file and leave its tombstone."""
@@ -725,6 +744,7 @@ class MetadataStore:
             # and we acknowledge an upload only once its commit is durable.
             await self._writer.execute("PRAGMA synchronous = FULL")
             await self._writer.executescript(SCHEMA)
+            await self._migrate(self._writer)
             await self._writer.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)",
                 (secrets.token_hex(16),))
@@ -737,6 +757,13 @@ class MetadataStore:
         except BaseException:
             await self.close()
             raise
+
+    @staticmethod
+    async def _migrate(db: aiosqlite.Connection) -> None:
+        """Bring a database made by an older syncd up to SCHEMA."""
+        columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(files)")}
+        if "mtime_ns" not in columns:   # before 0.1.0's recovery: -1 makes it rehash once
+            await db.execute("ALTER TABLE files ADD COLUMN mtime_ns INTEGER NOT NULL DEFAULT -1")
 
     async def close(self) -> None:
         """Close both connections (an open one keeps the process from exiting)."""
@@ -892,6 +919,7 @@ class StagedFile:
     fd: int
     size: int = 0
     checksum: str = ""
+    mtime_ns: int = -1
 
 
 @dataclass
@@ -971,6 +999,7 @@ class FileStore:
     def seal(self, staged: StagedFile, modified_time: float) -> None:
         """Set the mtime, fsync and close the temp file (in a worker thread)."""
         os.utime(staged.fd, (modified_time, modified_time))
+        staged.mtime_ns = os.fstat(staged.fd).st_mtime_ns
         os.fsync(staged.fd)
         os.close(staged.fd)
         staged.fd = -1
@@ -1153,6 +1182,136 @@ class FileStore:
 
 
 # ===========================================================================
+# Start-up recovery: reconcile the database with the tree
+# ===========================================================================
+
+SERVER_CLIENT_ID = "server"   # the author of changes found on disk at start-up
+RECOVERY_BATCH = 500          # files hashed and committed per transaction
+
+
+class MassVanish(Exception):
+    """Most files the database knows are missing from the tree: refuse to tombstone them."""
+
+    def __init__(self, missing: int, known: int, root: Path) -> None:
+        super().__init__(
+            f"refusing to start: {missing} of the {known} files the database knows are missing "
+            f"from {root} (an unmounted disk?); nothing was changed. If they were deleted on "
+            "purpose, start once with --accept-deletions to record the deletions.")
+
+
+@dataclass
+class RecoveryReport:
+    """What start-up recovery found."""
+
+    unchanged: int = 0
+    added: int = 0
+    modified: int = 0
+    touched: int = 0
+    vanished: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One log line."""
+        return (f"{self.unchanged} unchanged, {self.added} added, {self.modified} modified, "
+                f"{self.touched} touched, {self.vanished} gone (tombstoned), "
+                f"{len(self.skipped)} skipped")
+
+
+def is_mass_vanish(missing: int, known: int) -> bool:
+    """More than half of the live files gone, two at least: an unmounted disk, not a cleanup."""
+    return missing >= 2 and 2 * missing > known
+
+
+def scan_tree(root: Path) -> tuple[dict[str, os.stat_result], list[str]]:
+    """Every regular file under root but .syncd/, by path (symlinks are not followed),
+    and the names that cannot be served (not a valid path, not NFC, not a regular file)."""
+    found: dict[str, os.stat_result] = {}
+    skipped: list[str] = []
+    for folder, subfolders, names in os.walk(root):
+        relative = os.path.relpath(folder, root)
+        if relative == ".":
+            subfolders[:] = [name for name in subfolders if name != STATE_DIR]
+        for name in names:
+            path = name if relative == "." else f"{relative}/{name}"
+            try:
+                status = os.lstat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            try:
+                valid = validate_path(path)
+            except ApiError:
+                valid = ""
+            if valid != path or not stat.S_ISREG(status.st_mode):
+                skipped.append(path)
+                continue
+            found[path] = status
+    return found, skipped
+
+
+def hash_on_disk(files: FileStore, path: str) -> tuple[str, os.stat_result] | None:
+    """The checksum of a file and the status it had while read; None if it kept changing."""
+    for _ in range(3):
+        try:
+            with files.open_read(path) as handle:
+                before = os.fstat(handle.fileno())
+                hasher = hashlib.sha256()
+                while chunk := handle.read(CHUNK_SIZE):
+                    hasher.update(chunk)
+                after = os.fstat(handle.fileno())
+        except FileNotFoundError:
+            return None
+        if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
+            return hasher.hexdigest(), after
+    return None
+
+
+async def recover(store: MetadataStore, files: FileStore, accept_deletions: bool) -> RecoveryReport:
+    """Journal what changed in the tree while we were not running, as client "server".
+
+    A file whose size and mtime match its record is taken as unchanged, unread,
+    so a restart over 100,000 files stays quick.  Files gone from disk get
+    tombstones, unless most are gone (MassVanish) and accept_deletions is off.
+    """
+    report = RecoveryReport()
+    on_disk, report.skipped = await asyncio.to_thread(scan_tree, files.root)
+    records, _ = await store.snapshot()
+    live = {path: record for path, record in records.items() if not record.deleted}
+    missing = [record for path, record in live.items() if path not in on_disk]
+    if is_mass_vanish(len(missing), len(live)) and not accept_deletions:
+        raise MassVanish(len(missing), len(live), files.root)
+    suspects = sorted(path for path, status in on_disk.items()
+                      if path not in live or (live[path].size, live[path].mtime_ns)
+                      != (status.st_size, status.st_mtime_ns))
+    report.unchanged = len(on_disk) - len(suspects)
+    for start in range(0, len(suspects), RECOVERY_BATCH):
+        batch = suspects[start:start + RECOVERY_BATCH]
+        hashed = await asyncio.to_thread(lambda: [hash_on_disk(files, path) for path in batch])
+        async with store.transaction() as tx:
+            for path, result in zip(batch, hashed):
+                if result is None:
+                    report.skipped.append(path)
+                    continue
+                checksum, status = result
+                old = live.get(path)
+                if old is not None and old.checksum == checksum:
+                    await tx.record_mtime(path, status.st_mtime_ns)
+                    report.touched += 1
+                    continue
+                await tx.record_upsert(path, checksum, status.st_size, status.st_mtime,
+                                       SERVER_CLIENT_ID, status.st_mtime_ns)
+                if old is None:
+                    report.added += 1
+                else:
+                    report.modified += 1
+    if missing:
+        async with store.transaction() as tx:
+            for record in missing:
+                await tx.record_delete(record, SERVER_CLIENT_ID)
+        report.vanished = len(missing)
+    return report
+
+
+# ===========================================================================
 # Sync planning: the pure function behind POST /sync
 # ===========================================================================
 
@@ -1265,6 +1424,17 @@ class Connection:
     last_heard: float = field(default_factory=time.monotonic)
     writer: asyncio.Task[None] | None = None
     closing: bool = False
+    allowance: float = WS_MESSAGE_BURST     # token bucket for the client's own messages
+
+    def may_send(self, now: float) -> bool:
+        """Take one token; False when the client sends faster than WS_MESSAGE_RATE."""
+        self.allowance = min(WS_MESSAGE_BURST,
+                             self.allowance + (now - self.last_heard) * WS_MESSAGE_RATE)
+        self.last_heard = now
+        if self.allowance < 1:
+            return False
+        self.allowance -= 1
+        return True
 
 
 class Hub:
@@ -1494,6 +1664,7 @@ class State:
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
+    accept_deletions: bool = False
 
 
 STATE = web.AppKey("state", State)
@@ -1503,6 +1674,30 @@ CLIENT_ID = web.RequestKey("client_id", str)
 def state_of(request: web.Request) -> State:
     """The application's State."""
     return request.app[STATE]
+
+
+def request_timeout(seconds: float) -> ApiError:
+    """408: the client stopped sending."""
+    return ApiError(408, "request_timeout", f"no bytes arrived for {seconds:g} s")
+
+
+async def within(work: Awaitable[T], seconds: float) -> T:
+    """work, or 408 if the client sends nothing for seconds."""
+    try:
+        return await asyncio.wait_for(work, seconds)
+    except asyncio.TimeoutError:
+        raise request_timeout(seconds) from None
+
+
+async def idle_limited(chunks: AsyncIterator[bytes], seconds: float) -> AsyncIterator[bytes]:
+    """chunks, but a 408 when the next one takes longer than seconds (a stalled client)."""
+    iterator = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await within(iterator.__anext__(), seconds)
+        except StopAsyncIteration:
+            return
+        yield chunk
 
 
 def reject_constant(name: str) -> Any:
@@ -1523,7 +1718,7 @@ def parse_json(text: str) -> Any:
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or 400."""
     try:
-        text = await request.text()
+        text = await within(request.text(), state_of(request).config.upload_idle_timeout)
     except UnicodeDecodeError:
         raise invalid_request("the body is not UTF-8") from None
     data = parse_json(text)
@@ -1679,7 +1874,7 @@ async def stage_body(state: State, chunks: AsyncIterator[bytes]) -> StagedFile:
     metrics = state.metrics
 
     async def counted() -> AsyncIterator[bytes]:
-        async for chunk in chunks:
+        async for chunk in idle_limited(chunks, state.config.upload_idle_timeout):
             metrics.bytes_received += len(chunk)
             yield chunk
     try:
@@ -1713,7 +1908,7 @@ async def commit_staged(state: State, staged: StagedFile, path: str, client_id: 
                 raise path_blocked(path, f"{exc} is in the way") from None
             tx.undo.append(lambda: files.undo_swap(swap))
             record = await tx.record_upsert(path, staged.checksum, staged.size,
-                                            modified_time, client_id)
+                                            modified_time, client_id, staged.mtime_ns)
             tx.after_commit.append(lambda: hub.publish(file_changed_event(record), client_id))
         files.finish_swap(swap)
         state.metrics.uploads += 1
@@ -1935,7 +2130,10 @@ async def handle_sync(request: web.Request) -> web.Response:
     entries = parse_sync_entries(data.get("files"))
     records, cursor = await state.store.snapshot()
     plan = plan_sync(entries, records)
-    await state.store.touch_client(client_id)
+    try:
+        await state.store.touch_client(client_id)
+    except (OSError, sqlite3.Error) as exc:   # last_seen is not worth failing a read for
+        log.warning("could not note that %s was seen: %s", client_id, exc)
     return json_response(plan.to_json(state.store.epoch, cursor))
 
 
@@ -1945,10 +2143,10 @@ async def part_chunks(part: Any) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def read_text_field(part: Any) -> str:
-    """A small multipart text field, or 400."""
+async def read_text_field(part: Any, idle: float) -> str:
+    """A small multipart text field, or 400 (408 if it stalls)."""
     data = bytearray()
-    while chunk := await part.read_chunk(MAX_TEXT_FIELD):
+    while chunk := await within(part.read_chunk(MAX_TEXT_FIELD), idle):
         data += chunk
         if len(data) > MAX_TEXT_FIELD:
             raise invalid_request(f"the field {part.name} is longer than {MAX_TEXT_FIELD} bytes")
@@ -1974,9 +2172,10 @@ async def handle_upload(request: web.Request) -> web.Response:
         raise invalid_request("the body must be multipart/form-data") from None
     fields_seen: dict[str, str] = {}
     staged: StagedFile | None = None
+    idle = state.config.upload_idle_timeout
     try:
         for _ in range(MAX_MULTIPART_PARTS + 1):
-            part = await reader.next()
+            part = await within(reader.next(), idle)
             if part is None:
                 break
             if part.name == "file":
@@ -1988,7 +2187,7 @@ async def handle_upload(request: web.Request) -> web.Response:
             elif part.name in fields_seen:
                 raise invalid_request(f"the field {part.name} is given twice")
             else:
-                fields_seen[part.name or ""] = await read_text_field(part)
+                fields_seen[part.name or ""] = await read_text_field(part, idle)
         else:
             raise invalid_request(f"more than {MAX_MULTIPART_PARTS} parts")
         if staged is None:
@@ -2133,6 +2332,9 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
     """GET /ws/{client_id}: live events for one client."""
     state = state_of(request)
     client_id = note_client(request, validate_client_id(request.match_info["client_id"]))
+    limit = state.config.max_websocket_clients
+    if client_id not in state.hub.connections and len(state.hub.connections) >= limit:
+        raise ApiError(503, "too_many_clients", f"{limit} WebSocket clients are connected already")
     # autoping off: we answer pings ourselves, so that a pong counts as hearing from the client
     ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_WS_MESSAGE, timeout=5.0)
     await ws.prepare(request)
@@ -2144,7 +2346,10 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
     log.info("client %s connected", client_id)
     try:
         async for msg in ws:
-            conn.last_heard = time.monotonic()
+            if not conn.may_send(time.monotonic()):
+                log.warning("client %s sends too many messages: closing it (1008)", client_id)
+                hub.drop(conn, WS_CLOSE_POLICY, "too many messages")
+                break
             answer_ws_message(hub, conn, msg)
     finally:
         if hub.disconnect(conn):
@@ -2212,6 +2417,26 @@ async def metrics_middleware(request: web.Request, handler: Callable[[web.Reques
         state_of(request).metrics.observe_request(
             route_name(request), request.method, status, time.monotonic() - started)
 
+def storage_error(exc: BaseException) -> ApiError | None:
+    """The contract's answer to a full or failing disk or database; None for anything else."""
+    full = ApiError(507, "insufficient_storage", "the server's disk is full; nothing was changed")
+    failing = ApiError(503, "storage_unavailable",
+                       "the server's storage is read-only or failing; nothing was changed")
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return full
+        if exc.errno in (errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT):
+            return failing
+    if isinstance(exc, sqlite3.Error):
+        text = str(exc).lower()
+        if "full" in text:
+            return full
+        if any(sign in text for sign in ("readonly", "read-only", "disk i/o", "unable to open",
+                                          "locked", "malformed", "not a database")):
+            return failing
+    return None
+
+
 HTTP_ERROR_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found",
                     405: "method_not_allowed", 413: "too_large"}
 
@@ -2230,7 +2455,10 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc)
+        response = error_response(exc)
+        if exc.status == 408:
+            response.force_close()      # the rest of the body may still come: drop it
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -2239,13 +2467,11 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         return error_response(ApiError(exc.status, code, message))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            log.error("disk full while handling %s %s", request.method, request.path)
-            return error_response(ApiError(507, "insufficient_storage", "the server's disk is full"))
-        log.exception("error while handling %s %s", request.method, request.path)
-        return error_response(ApiError(500, "internal", "internal server error"))
-    except Exception:
+    except Exception as exc:
+        answer = storage_error(exc)
+        if answer is not None:
+            log.error("%s %s: %s (%s)", request.method, request.path, answer.message, exc)
+            return error_response(answer)
         log.exception("error while handling %s %s", request.method, request.path)
         return error_response(ApiError(500, "internal", "internal server error"))
 
@@ -2298,14 +2524,24 @@ class AccessLogger(AbstractAccessLogger):
 # ===========================================================================
 
 async def storage_context(app: web.Application) -> AsyncIterator[None]:
-    """Open the tree and the database for the app's lifetime; close them after."""
+    """Open the tree and the database, recover, serve; close them after."""
     state = app[STATE]
     root = Path(state.config.sync_directory)
+    if not root.exists():
+        log.info("creating the sync directory %s", root)
     root.mkdir(parents=True, exist_ok=True)
     removed = state.files.prepare()
-    if removed:
-        log.info("removed %d temp file(s) left by an earlier run", removed)
     await state.store.open()
+    try:
+        report = await recover(state.store, state.files, state.accept_deletions)
+        log.info("recovery: %s; %d temp file(s) removed", report.summary(), removed)
+        if report.skipped:
+            log.warning("%d file(s) in the tree cannot be served (not a valid NFC path, not a "
+                        "regular file, or changing): %s%s", len(report.skipped),
+                        ", ".join(report.skipped[:5]), ", ..." if len(report.skipped) > 5 else "")
+    except BaseException:
+        await state.store.close()
+        raise
     state.hub.start()
     log.info("serving %s (epoch %s, cursor %d)", root.resolve(), state.store.epoch,
              state.store.cursor)
@@ -2323,7 +2559,7 @@ async def close_websockets(app: web.Application) -> None:
     await app[STATE].hub.close_all(WS_CLOSE_GOING_AWAY)
 
 
-def make_app(config: Config) -> web.Application:
+def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
     """The syncd Application for config; tests import this."""
     root = Path(config.sync_directory)
     state = State(
@@ -2331,6 +2567,7 @@ def make_app(config: Config) -> web.Application:
         store=MetadataStore(root / STATE_DIR / "syncd.db"),
         files=FileStore(root),
         hub=Hub(config.ws_queue_size, config.heartbeat_interval, config.heartbeat_timeout),
+        accept_deletions=accept_deletions,
     )
     app = web.Application(middlewares=[in_flight_middleware, metrics_middleware,
                                        error_middleware, auth_middleware],
@@ -2467,14 +2704,26 @@ async def drain(runner: web.AppRunner, state: State) -> None:
 
 
 async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
-                     environ: Mapping[str, str] = os.environ) -> int:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads. 0 on a clean stop, 1 if we cannot listen."""
+                     environ: Mapping[str, str] = os.environ,
+                     accept_deletions: bool = False) -> int:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads.
+
+    0 on a clean stop, 1 if we cannot listen, EXIT_MASS_VANISH if recovery refused.
+    """
     notifier = Notifier(environ)
-    app = make_app(config)
+    app = make_app(config, accept_deletions)
     state = app[STATE]
+    # aiohttp's keep-alive timer runs from the connection's start until a whole
+    # request has arrived, so it is also the deadline for slow request headers.
     runner = web.AppRunner(app, handle_signals=False, access_log_class=AccessLogger,
-                           access_log=access_log, shutdown_timeout=config.shutdown_timeout)
-    await runner.setup()
+                           access_log=access_log, shutdown_timeout=config.shutdown_timeout,
+                           keepalive_timeout=config.header_timeout)
+    try:
+        await runner.setup()
+    except MassVanish as exc:
+        log.error("%s", exc)
+        await runner.cleanup()
+        return EXIT_MASS_VANISH
     tasks: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
 
@@ -2523,6 +2772,8 @@ def server_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="the TOML file to read (default: ./syncd.toml if present)")
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration, print the effective settings, exit 0 or 2")
+    parser.add_argument("--accept-deletions", action="store_true",
+                        help="record as deleted the files missing from the tree, even if most are")
     parser.add_argument("--version", action="version", version=f"syncd {__version__}")
     for setting in fields(Config):
         flag = "--" + setting.name.replace("_", "-")
@@ -2537,7 +2788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse flags, load the config (exit 2 on a bad one), serve."""
     args = server_parser().parse_args(argv)
     flags = {key: value for key, value in vars(args).items()
-             if key not in ("config", "check_config")}
+             if key not in ("config", "check_config", "accept_deletions")}
 
     def load() -> Config:
         return load_config(args.config, os.environ, flags)
@@ -2545,13 +2796,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load()
     except ConfigError as exc:
         print(f"syncd: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if args.check_config:
         print(describe_config(config))
         return 0
     setup_logging(config.log_level, os.environ)
     try:
-        return asyncio.run(run_daemon(config, load))
+        return asyncio.run(run_daemon(config, load, accept_deletions=args.accept_deletions))
     except KeyboardInterrupt:
         return 0
 

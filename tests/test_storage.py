@@ -60,8 +60,8 @@ async def test_failed_commit_puts_the_old_file_back(client: Any, data_dir: Path,
     monkeypatch.setattr(syncd.Transaction, "record_upsert", broken_upsert)
     async with client.ws_connect("/ws/desk") as ws:
         await ws.receive_json(timeout=5)
-        body = await error_of(await put(client, "a.txt", b"new"), 500)
-        assert body["error"] == "internal"
+        body = await error_of(await put(client, "a.txt", b"new"), 503)
+        assert body["error"] == "storage_unavailable"
         monkeypatch.undo()
         await put(client, "b.txt", b"next")
         assert (await ws.receive_json(timeout=5))["path"] == "b.txt"   # nothing for a.txt
@@ -75,7 +75,7 @@ async def test_failed_commit_of_a_new_file_removes_it(client: Any, data_dir: Pat
     async def broken_upsert(self: Any, *args: Any) -> Any:
         raise sqlite3.OperationalError("database is locked")
     monkeypatch.setattr(syncd.Transaction, "record_upsert", broken_upsert)
-    await error_of(await put(client, "new/a.txt", b"x"), 500)
+    assert (await error_of(await put(client, "new/a.txt", b"x"), 503))["error"] == "storage_unavailable"
     assert not (data_dir / "new" / "a.txt").exists()
     assert tmp_files(data_dir) == []
 
@@ -94,7 +94,7 @@ async def test_failed_delete_commit_puts_the_file_back(client: Any, data_dir: Pa
             raise sqlite3.OperationalError("disk I/O error")
         return await original(self, live, client_id)
     monkeypatch.setattr(syncd.Transaction, "record_delete", second_fails)
-    await error_of(await client.delete("/files/d", params={"client_id": "x"}), 500)
+    await error_of(await client.delete("/files/d", params={"client_id": "x"}), 503)
     assert (data_dir / "d" / "a").read_bytes() == b"1"
     assert (data_dir / "d" / "b").read_bytes() == b"2"
     assert db_rows(data_dir, "SELECT COUNT(*) FROM files WHERE deleted = 0") == [(2,)]
@@ -119,11 +119,11 @@ async def test_disk_full_is_507_and_keeps_the_old_file(client: Any, data_dir: Pa
     assert (await put(client, "a.txt", b"later")).status == 200
 
 
-async def test_failed_rename_is_500_and_keeps_the_old_file(client: Any, data_dir: Path,
+async def test_failed_rename_is_503_and_keeps_the_old_file(client: Any, data_dir: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     await put(client, "a.txt", b"old")
     monkeypatch.setattr(syncd.os, "rename", failing(OSError(errno.EIO, "I/O error")))
-    await error_of(await put(client, "a.txt", b"new"), 500)
+    await error_of(await put(client, "a.txt", b"new"), 503)
     monkeypatch.undo()
     assert (data_dir / "a.txt").read_bytes() == b"old"
     assert tmp_files(data_dir) == []
