@@ -1504,14 +1504,25 @@ class Hub:
 
     def drop(self, conn: Connection, code: int, reason: str) -> None:
         """Close a connection in the background, without waiting for it."""
+        if self._stop_writing(conn):
+            task = asyncio.get_running_loop().create_task(self._close(conn, code, reason))
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
+
+    async def close(self, conn: Connection, code: int, reason: str) -> None:
+        """Close a connection and wait for it (from its own handler, which must not return first)."""
+        if self._stop_writing(conn):
+            await self._close(conn, code, reason)
+
+    @staticmethod
+    def _stop_writing(conn: Connection) -> bool:
+        """Mark conn closing and stop its writer; False if it was closing already."""
         if conn.closing:
-            return
+            return False
         conn.closing = True
         if conn.writer is not None:
             conn.writer.cancel()
-        task = asyncio.get_running_loop().create_task(self._close(conn, code, reason))
-        self._closers.add(task)
-        task.add_done_callback(self._closers.discard)
+        return True
 
     async def _close(self, conn: Connection, code: int, reason: str) -> None:
         closed = False
@@ -2348,7 +2359,7 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
         async for msg in ws:
             if not conn.may_send(time.monotonic()):
                 log.warning("client %s sends too many messages: closing it (1008)", client_id)
-                hub.drop(conn, WS_CLOSE_POLICY, "too many messages")
+                await hub.close(conn, WS_CLOSE_POLICY, "too many messages")
                 break
             answer_ws_message(hub, conn, msg)
     finally:
