@@ -242,7 +242,7 @@ def test_unit_security_rating_is_ok_or_better() -> None:
 def test_unit_has_what_a_sysadmin_relies_on() -> None:
     text = UNIT.read_text()
     for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
-                 "RestartPreventExitStatus=2", "DynamicUser=yes", "StateDirectory=syncd",
+                 "RestartPreventExitStatus=2 3", "DynamicUser=yes", "StateDirectory=syncd",
                  "ConfigurationDirectory=syncd", "LoadCredential=api_key:/etc/syncd/api_key",
                  "Environment=SYNCD_API_KEY_FILE=%d/api_key"):
         assert line in text.splitlines(), line

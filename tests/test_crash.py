@@ -1,0 +1,153 @@
+"""The real daemon killed (kill -9) mid-write, a real full disk, slow clients."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT, Daemon, free_port, sha
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def check_consistent(server: Daemon, path: str, allowed: list[bytes]) -> bytes:
+    """The file is one whole version, the database agrees with the disk, no temp is left."""
+    status, headers, body = request(server.port, "GET", f"/download/{path}")
+    assert status == 200
+    assert body in allowed, f"a torn or unknown version of {len(body)} bytes"
+    assert headers["ETag"] == f'"{sha(body)}"'
+    listed = json.loads(request(server.port, "GET", "/files")[2])["files"]
+    assert [f["checksum"] for f in listed if f["path"] == path] == [sha(body)]
+    assert os.listdir(server.data / ".syncd" / "tmp") == []
+    return body
+
+
+def test_kill_9_mid_upload_never_tears_a_file(daemon: Any) -> None:
+    rng = random.Random(20261127)
+    size = 4 * 1024 * 1024
+    server = daemon()
+    current = os.urandom(size)
+    assert request(server.port, "PUT", "/files/big.bin", current, {"X-Client-Id": "a"})[0] == 201
+    outcomes = []
+    for round_ in range(10):
+        new = os.urandom(size)
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"PUT /files/big.bin HTTP/1.1\r\nHost: x\r\nX-Client-Id: a\r\n"
+                         b"Content-Length: %d\r\n\r\n" % size)
+            # half the rounds die mid-body, half after the last byte (fsync, rename, commit)
+            cut = rng.randrange(size) if round_ % 2 == 0 else size
+            sock.sendall(new[:cut])
+            time.sleep(rng.uniform(0, 0.05))
+            server.process.kill()
+            server.process.wait(timeout=10)
+        server = daemon()
+        body = check_consistent(server, "big.bin", [current, new])
+        outcomes.append("new" if body == new else "old")
+        current = body
+    assert "old" in outcomes          # the kills did land mid-write
+
+
+def test_kill_9_after_acknowledged_uploads_loses_none(daemon: Any) -> None:
+    server = daemon()
+    files = {f"burst/{index:03d}.bin": os.urandom(4096 + index) for index in range(60)}
+
+    def send(item: tuple[str, bytes]) -> str | None:
+        path, body = item
+        status, _, _ = request(server.port, "PUT", f"/files/{path}", body, {"X-Client-Id": "b"})
+        return path if status == 201 else None
+    with ThreadPoolExecutor(8) as pool:
+        acknowledged = [path for path in pool.map(send, files.items()) if path]
+    server.process.kill()                      # right after the last acknowledgement
+    server.process.wait(timeout=10)
+    assert len(acknowledged) == len(files)
+    server = daemon()
+    listed = {f["path"]: f["checksum"] for f in
+              json.loads(request(server.port, "GET", "/files?prefix=burst/")[2])["files"]}
+    for path in acknowledged:
+        assert listed[path] == sha(files[path])
+        assert request(server.port, "GET", f"/download/{path}")[2] == files[path]
+    assert "0 added, 0 modified" in server.log()   # the database had every one of them
+
+
+def test_real_full_disk_is_507_then_works_again(tmp_path: Path) -> None:
+    """A 4 MiB tmpfs in a private mount namespace (unshare -m); skips where refused."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare")
+    data = tmp_path / "small"
+    data.mkdir()
+    port = free_port()
+    script = (f"mount -t tmpfs -o size=4m syncdtest {data} || exit 97; "
+              f"exec {sys.executable} {ROOT / 'syncd.py'} --port {port} --sync-directory {data}")
+    log = open(tmp_path / "daemon.log", "wb")
+    process = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.skip(f"cannot mount a tmpfs here (exit {process.returncode})")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        first, big = os.urandom(2_000_000), os.urandom(3_000_000)
+        assert request(port, "PUT", "/files/first.bin", first, {"X-Client-Id": "a"})[0] == 201
+        status, _, body = request(port, "PUT", "/files/first.bin", big, {"X-Client-Id": "a"})
+        assert status == 507 and json.loads(body)["error"] == "insufficient_storage"
+        assert request(port, "GET", "/download/first.bin")[2] == first       # the old one intact
+        leftovers = subprocess.run(["nsenter", "-t", str(process.pid), "-m", "ls", "-A",
+                                    str(data / ".syncd" / "tmp")], capture_output=True, text=True)
+        assert leftovers.returncode == 0 and leftovers.stdout == ""
+        assert request(port, "DELETE", "/files/first.bin?client_id=a")[0] == 200
+        assert request(port, "PUT", "/files/first.bin", big, {"X-Client-Id": "a"})[0] == 201
+        assert request(port, "GET", "/download/first.bin")[2] == big
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+
+
+def test_slow_headers_are_cut_off_while_others_are_served(daemon: Any) -> None:
+    server = daemon("--header-timeout", "1")
+    with socket.create_connection(("127.0.0.1", server.port)) as slow:
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        slow.settimeout(0.2)
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 10:
+            try:
+                slow.sendall(b"X")                       # one byte of a header, now and then
+                if slow.recv(1024) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                pass
+            except OSError:
+                closed = True
+                break
+            status, _, _ = request(server.port, "GET", "/health")
+            assert status == 200                        # everyone else is served meanwhile
+        assert closed and time.monotonic() - started < 5
