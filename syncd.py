@@ -64,6 +64,7 @@ from typing import Any, TypeVar
 import aiosqlite
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 __version__ = "0.1.0"
 
@@ -380,16 +381,37 @@ def stderr_is_journal(environ: Mapping[str, str]) -> bool:
     return (status.st_dev, status.st_ino) == (device, inode)
 
 
+class QuietParseErrors(logging.Filter):
+    """aiohttp logs a traceback for each request it cannot parse: one line is enough for a
+    client's mistake, and a client must not be able to flood the journal with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite a parse error's record as one INFO line."""
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        detail = str(getattr(error, "message", "") or error).strip().splitlines()
+        record.msg, record.exc_info, record.exc_text = "malformed request from %s: %s", None, None
+        record.args = (record.args[0] if isinstance(record.args, tuple) and record.args else "-",
+                       (detail[0] if detail else "")[:200])
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return log.isEnabledFor(logging.INFO)
+
+
 def setup_logging(level: str, environ: Mapping[str, str]) -> None:
-    """Send syncd's logs to stderr, in journald's format when it is listening."""
+    """Send syncd's (and aiohttp's) logs to stderr, in journald's format when it listens."""
     handler = logging.StreamHandler(sys.stderr)
     if stderr_is_journal(environ):
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    log.handlers[:] = [handler]
-    log.propagate = False
+    aiohttp_log = logging.getLogger("aiohttp")
+    for logger in (log, aiohttp_log):
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+    aiohttp_log.setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(QuietParseErrors())
     set_log_level(level)
 
 

@@ -119,3 +119,20 @@ def test_large_upload_keeps_memory_small(daemon: Any) -> None:
     assert status == 200, body
     assert peak_rss_mb(server.process.pid) < 100
     assert (server.data / "big2.bin").stat().st_size == size
+
+
+def test_malformed_requests_get_400_and_one_log_line_not_a_traceback(daemon: Any) -> None:
+    server = daemon()
+    for raw in (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n",
+                b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" * 10):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(raw)
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+    assert request(server, "GET", "/health")[0] == 200
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=20) == 0
+    log = server.log()
+    assert "Traceback" not in log and "Error handling request" not in log
+    assert log.count("malformed request from 127.0.0.1") == 2    # TLS noise is aiohttp's debug

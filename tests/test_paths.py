@@ -195,3 +195,27 @@ async def test_empty_path_in_url_is_invalid_path(client: Any, method: str) -> No
     response = await client.request(method, "/files/", params={"client_id": "laptop"},
                                     headers={"X-Client-Id": "laptop"})
     assert (await error_of(response, 400))["error"] == "invalid_path"
+
+
+RAW_ATTACKS = ["../x", "a/../../x", "/etc/passwd", "a\\..\\b", "a\x00b", "a\nb", ".syncd/syncd.db",
+               ".SYNCD/tmp/x", "a//b", "./a", "x" * 256, "d/" * 2100 + "x"]
+
+
+@pytest.mark.parametrize("raw", RAW_ATTACKS)
+async def test_path_attacks_in_bodies_are_refused(client: Any, data_dir: Path, raw: str) -> None:
+    assert (await error_of(await upload(client, raw, b"x"), 400))["error"] == "invalid_path"
+    response = await client.post("/sync", json={"client_id": "laptop", "files": [
+        {"path": raw, "checksum": "0" * 64, "size": 1, "modified_time": 1}]})
+    assert (await error_of(response, 400))["error"] == "invalid_path"
+    assert sorted(os.listdir(data_dir)) == [".syncd"]
+    assert os.listdir(data_dir / ".syncd" / "tmp") == []
+
+
+async def test_nfd_twin_of_a_file_is_the_same_file(client: Any, data_dir: Path) -> None:
+    assert (await put(client, "caf\u00e9.txt", b"nfc")).status == 201
+    response = await upload(client, "cafe\u0301.txt", b"nfd")
+    assert response.status == 200 and (await response.json())["path"] == "caf\u00e9.txt"
+    assert sorted(os.listdir(data_dir)) == [".syncd", "caf\u00e9.txt"]
+    assert (data_dir / "caf\u00e9.txt").read_bytes() == b"nfd"
+    listed = (await (await client.get("/files")).json())["files"]
+    assert [f["path"] for f in listed] == ["caf\u00e9.txt"]

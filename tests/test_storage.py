@@ -138,15 +138,19 @@ async def test_client_disconnect_mid_upload_leaves_nothing(client: Any, data_dir
         await asyncio.sleep(0.2)
         raise ConnectionResetError("client went away")
 
-    with pytest.raises(Exception):
-        await client.put("/files/partial.bin", data=body(), headers={"X-Client-Id": "a"})
-    for _ in range(100):
-        if not tmp_files(data_dir):
-            break
-        await asyncio.sleep(0.05)
-    assert tmp_files(data_dir) == []
-    assert not (data_dir / "partial.bin").exists()
-    assert db_rows(data_dir, "SELECT COUNT(*) FROM changes") == [(0,)]
+    async with client.ws_connect("/ws/watcher") as ws:
+        await ws.receive_json(timeout=5)
+        with pytest.raises(Exception):
+            await client.put("/files/partial.bin", data=body(), headers={"X-Client-Id": "a"})
+        for _ in range(100):
+            if not tmp_files(data_dir):
+                break
+            await asyncio.sleep(0.05)
+        assert tmp_files(data_dir) == []
+        assert not (data_dir / "partial.bin").exists()
+        assert db_rows(data_dir, "SELECT COUNT(*) FROM changes") == [(0,)]
+        await put(client, "next.txt", b"n", client_id="b")
+        assert (await ws.receive_json(timeout=5))["path"] == "next.txt"   # nothing before it
 
 
 async def test_files_are_plain_files_an_admin_can_read(client: Any, data_dir: Path) -> None:
