@@ -61,6 +61,7 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import aiosqlite
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
@@ -2795,6 +2796,744 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
 
 
 # ===========================================================================
+# Client: the reference sync client (python syncd.py client DIR --server URL)
+# ===========================================================================
+
+client_log = logging.getLogger("syncd.client")
+
+CLIENT_STATE_DIR = ".syncd-client"     # in the synced folder; never synced
+IGNORE_FILE = ".syncignore"
+CLIENT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS base (
+    path     TEXT PRIMARY KEY,
+    checksum TEXT NOT NULL,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL
+);
+"""
+PROGRESS_MIN_BYTES = 8 * 1024 * 1024   # a progress bar for transfers at least this large
+WATCH_DEBOUNCE_MS = 300
+RECONNECT_MAX_DELAY = 60.0
+EXIT_CLIENT_FAILED = 1
+
+
+class ClientError(Exception):
+    """A pass cannot go on (the server refused us, or the folder looks unmounted)."""
+
+
+class FolderVanished(ClientError):
+    """Most tracked files are gone from the folder: refuse to push their deletion."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    """A file in the synced folder, as last scanned."""
+
+    path: str
+    checksum: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def modified_time(self) -> float:
+        """The mtime in Unix seconds."""
+        return self.mtime_ns / 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteChange:
+    """A change announced by the server (from /changes or the WebSocket)."""
+
+    seq: int
+    type: str              # "upsert" or "delete"
+    path: str
+    checksum: str
+    modified_time: float
+    client_id: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RemoteChange:
+        """From a /changes entry or a file_changed / file_deleted event."""
+        kind = data.get("type")
+        kind = "upsert" if kind in ("upsert", "file_changed") else "delete"
+        return cls(int(data["seq"]), kind, str(data["path"]), str(data.get("checksum", "")),
+                   float(data.get("modified_time", 0.0)), str(data.get("client_id", "")))
+
+
+@dataclass
+class PassReport:
+    """What one pass did, for the one-line summary."""
+
+    uploaded: int = 0
+    downloaded: int = 0
+    deleted_here: int = 0
+    deleted_there: int = 0
+    conflicts: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line."""
+        return (f"sync pass: {self.uploaded} uploaded, {self.downloaded} downloaded, "
+                f"{self.deleted_here} deleted here, {self.deleted_there} deleted on the server, "
+                f"{self.conflicts} conflicts, {len(self.failed)} failed")
+
+
+class ClientState:
+    """DIR/.syncd-client/state.db: per path the base (the version last agreed with the
+    server), the server's epoch and the last cursor seen."""
+
+    def __init__(self, folder: Path) -> None:
+        state_dir = folder / CLIENT_STATE_DIR
+        (state_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = state_dir / "tmp"
+        for leftover in self.tmp_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+        self.db = sqlite3.connect(state_dir / "state.db", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.executescript(CLIENT_SCHEMA)
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+    def get(self, key: str) -> str | None:
+        """A meta value."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def put(self, key: str, value: str) -> None:
+        """Set a meta value."""
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    @property
+    def cursor(self) -> int:
+        """The last server seq applied here."""
+        return int(self.get("cursor") or 0)
+
+    @cursor.setter
+    def cursor(self, value: int) -> None:
+        self.put("cursor", str(value))
+
+    def bases(self) -> dict[str, LocalFile]:
+        """Every base."""
+        return {row[0]: LocalFile(*row) for row in
+                self.db.execute("SELECT path, checksum, size, mtime_ns FROM base")}
+
+    def base(self, path: str) -> LocalFile | None:
+        """The base of one path."""
+        row = self.db.execute("SELECT path, checksum, size, mtime_ns FROM base WHERE path = ?",
+                              (path,)).fetchone()
+        return LocalFile(*row) if row else None
+
+    def set_base(self, local: LocalFile) -> None:
+        """Record that the server and this folder agree on local."""
+        self.db.execute("INSERT OR REPLACE INTO base (path, checksum, size, mtime_ns)"
+                        " VALUES (?, ?, ?, ?)", (local.path, local.checksum, local.size,
+                                                 local.mtime_ns))
+
+    def drop_base(self, path: str) -> None:
+        """Forget a path's base."""
+        self.db.execute("DELETE FROM base WHERE path = ?", (path,))
+
+    def forget_history(self, epoch: str, cursor: int) -> None:
+        """A reset or restored server: no base can be trusted any more (union resync)."""
+        self.db.execute("DELETE FROM base")
+        self.put("epoch", epoch)
+        self.cursor = cursor
+
+
+class IgnoreRules:
+    """What is never synced: .syncd-client/, and the patterns in DIR/.syncignore.
+
+    A pattern without "/" matches any file or folder name (`*.tmp`, `node_modules`);
+    one with "/" matches the path from DIR (`build/*.o`); a trailing "/" means
+    the folder and everything under it (`cache/`). "#" starts a comment.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.patterns: list[str] = []
+        try:
+            lines = (folder / IGNORE_FILE).read_text(encoding="utf-8").splitlines()
+        except (FileNotFoundError, UnicodeDecodeError):
+            lines = []
+        self.patterns = [line.strip() for line in lines
+                         if line.strip() and not line.strip().startswith("#")]
+
+    def ignored(self, path: str) -> bool:
+        """Whether path (or a folder on its way) is not to be synced."""
+        import fnmatch
+        parts = path.split("/")
+        if parts[0] == CLIENT_STATE_DIR:
+            return True
+        for pattern in self.patterns:
+            if pattern.endswith("/"):
+                folder = pattern.rstrip("/")
+                if any(fnmatch.fnmatchcase("/".join(parts[:depth]), folder)
+                       for depth in range(1, len(parts))):
+                    return True
+            elif "/" in pattern:
+                if fnmatch.fnmatchcase(path, pattern.lstrip("/")):
+                    return True
+            elif any(fnmatch.fnmatchcase(part, pattern) for part in parts):
+                return True
+        return False
+
+
+def hash_local(path: Path) -> tuple[str, os.stat_result] | None:
+    """A local file's checksum with the status it had while read; None if gone or changing."""
+    for _ in range(3):
+        try:
+            with open(path, "rb") as handle:
+                before = os.fstat(handle.fileno())
+                hasher = hashlib.sha256()
+                while chunk := handle.read(CHUNK_SIZE):
+                    hasher.update(chunk)
+                after = os.fstat(handle.fileno())
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            return None
+        if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
+            return hasher.hexdigest(), after
+    return None
+
+
+def local_file(folder: Path, path: str, base: LocalFile | None) -> LocalFile | None:
+    """The current state of one local file (unread when size and mtime match its base)."""
+    try:
+        status = os.lstat(folder / path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(status.st_mode):
+        return None
+    if base is not None and (base.size, base.mtime_ns) == (status.st_size, status.st_mtime_ns):
+        return base
+    hashed = hash_local(folder / path)
+    if hashed is None:
+        return None
+    checksum, status = hashed
+    return LocalFile(path, checksum, status.st_size, status.st_mtime_ns)
+
+
+def scan_folder(folder: Path, rules: IgnoreRules,
+                bases: Mapping[str, LocalFile]) -> tuple[dict[str, LocalFile], list[str]]:
+    """Every syncable file in folder (rehashing only what changed), and what was skipped."""
+    found: dict[str, LocalFile] = {}
+    skipped: list[str] = []
+    for current, subfolders, names in os.walk(folder):
+        relative = os.path.relpath(current, folder)
+        prefix = "" if relative == "." else relative + "/"
+        subfolders[:] = [name for name in subfolders if not rules.ignored(prefix + name)]
+        for name in names:
+            path = prefix + name
+            if rules.ignored(path):
+                continue
+            try:
+                valid = validate_path(path)
+            except ApiError:
+                valid = ""
+            if valid != path:
+                skipped.append(path)
+                continue
+            local = local_file(folder, path, bases.get(path))
+            if local is not None:
+                found[path] = local
+    return found, skipped
+
+
+def conflict_name(path: str, client_id: str, when: float, exists: Callable[[str], bool]) -> str:
+    """NAME.sync-conflict-YYYYMMDD-HHMMSS-CLIENTID.EXT beside path, not yet taken."""
+    folder, _, name = path.rpartition("/")
+    stem, dot, extension = name.rpartition(".")
+    if not stem:                     # no extension, or a dot file like ".bashrc"
+        stem, dot, extension = name, "", ""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    for number in range(1000):
+        extra = f"-{number}" if number else ""
+        candidate = f"{stem}.sync-conflict-{stamp}-{client_id}{extra}{dot}{extension}"
+        candidate = f"{folder}/{candidate}" if folder else candidate
+        if not exists(candidate):
+            return candidate
+    raise ClientError(f"no free name for a conflict copy of {path}")
+
+
+def default_client_id() -> str:
+    """This machine's name, made a valid client id."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:128].lstrip("._-")
+    return name or "client"
+
+
+class SyncClient:
+    """Keeps one folder in sync with one server, through the public API only."""
+
+    def __init__(self, folder: Path, server: str, client_id: str, api_key: str | None,
+                 accept_deletions: bool = False) -> None:
+        self.folder = folder
+        self.server = server.rstrip("/")
+        self.client_id = client_id
+        self.accept_deletions = accept_deletions
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.state = ClientState(folder)
+        self.rules = IgnoreRules(folder)
+        self.lock = asyncio.Lock()      # one operation on the folder at a time
+        self.progress = sys.stdout.isatty()
+        self.session: Any = None
+
+    # -- HTTP -----------------------------------------------------------------------
+
+    def url(self, route: str, path: str = "") -> Any:
+        """A URL on the server; path is percent-encoded once."""
+        from urllib.parse import quote
+        from yarl import URL
+        return URL(self.server + route + quote(path, safe="/"), encoded=True)
+
+    async def call(self, method: str, route: str, path: str = "", **kwargs: Any) -> tuple[int, Any]:
+        """One request; (status, JSON body or None)."""
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        async with self.session.request(method, self.url(route, path), headers=headers,
+                                        **kwargs) as response:
+            body = await response.json() if response.content_type == "application/json" else None
+            if response.status == 401:
+                raise ClientError("the server refused the API key (401)")
+            return response.status, body
+
+    # -- one full pass ------------------------------------------------------------
+
+    async def full_pass(self) -> PassReport:
+        """Scan, push local deletions, /sync, and carry out the plan."""
+        report = PassReport()
+        async with self.lock:
+            await self.check_server()       # a reset server: bases are forgotten, nothing deleted
+            bases = self.state.bases()
+            local, skipped = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
+            for path in skipped:
+                client_log.warning("skip path=%s reason=not-a-valid-path", path)
+            missing = [path for path in bases if path not in local]
+            if is_mass_vanish(len(missing), len(bases)) and not self.accept_deletions:
+                raise FolderVanished(
+                    f"{len(missing)} of the {len(bases)} tracked files are missing from "
+                    f"{self.folder} (an unmounted folder?): not pushing their deletion. If they "
+                    "were deleted on purpose, run once with --accept-deletions.")
+            for path in missing:
+                await self.push_delete(bases[path], report)
+            await self.call("POST", "/register", json={
+                "client_id": self.client_id, "name": socket.gethostname(),
+                "platform": sys.platform, "version": __version__})
+            entries = [{"path": f.path, "checksum": f.checksum, "size": f.size,
+                        "modified_time": f.modified_time,
+                        "base_checksum": bases[f.path].checksum if f.path in bases else ""}
+                       for f in local.values()]
+            status, plan = await self.call("POST", "/sync", json={
+                "client_id": self.client_id, "files": entries})
+            if status != 200:
+                raise ClientError(f"/sync answered {status}: {plan}")
+            for path in plan["upload"]:
+                await self.push_file(path, local[path], report)
+            for entry in plan["download"]:
+                await self.pull(entry["path"], entry["modified_time"], report,
+                                scanned=local.get(entry["path"]))
+            for entry in plan["delete"]:
+                self.delete_here(entry["path"], local.get(entry["path"]), report)
+            for conflict in plan["conflicts"]:
+                await self.resolve_conflict(conflict["path"], report)
+            self.state.cursor = max(self.state.cursor, int(plan["cursor"]))
+        return report
+
+    async def check_server(self) -> bool:
+        """Compare the server's epoch and cursor with ours; True (and history forgotten)
+        when it was reset or restored: resync as a union, delete nothing."""
+        async with self.session.get(self.url("/health")) as response:
+            health = await response.json()
+        epoch, cursor = str(health["epoch"]), int(health["cursor"])
+        known = self.state.get("epoch")
+        if known is None:
+            self.state.put("epoch", epoch)
+            return False
+        if epoch != known or cursor < self.state.cursor:
+            client_log.warning("the server was reset or restored (epoch %s, cursor %d; we had %s, "
+                               "%d): resyncing as a union, deleting nothing", epoch, cursor, known,
+                               self.state.cursor)
+            self.state.forget_history(epoch, 0)
+            return True
+        return False
+
+    # -- single operations ---------------------------------------------------------
+
+    async def push_file(self, path: str, local: LocalFile, report: PassReport) -> None:
+        """Upload a local file, conditional on its base; a 409 becomes a conflict copy."""
+        current = local_file(self.folder, path, local)
+        if current is None or current.checksum != local.checksum:
+            return                         # it changed since the scan: the next pass takes it
+        base = self.state.base(path)
+        with open(self.folder / path, "rb") as handle:
+            form = aiohttp.FormData()
+            form.add_field("relative_path", path)
+            form.add_field("client_id", self.client_id)
+            form.add_field("checksum", local.checksum)
+            form.add_field("modified_time", repr(local.modified_time))
+            form.add_field("base_checksum", base.checksum if base else "")
+            form.add_field("file", self.progress_reader(handle, local.size, f"up {path}"),
+                           filename=path.rsplit("/", 1)[-1])
+            status, body = await self.call("POST", "/upload", data=form)
+        if status == 200:
+            self.state.set_base(local)
+            report.uploaded += 1
+            client_log.info("upload path=%s bytes=%d revision=%s", path, local.size, body["revision"])
+        elif status == 409 and body and body.get("error") == "conflict" and body.get("server"):
+            await self.resolve_conflict(path, report)
+        else:
+            error = body.get("error") if body else status
+            report.failed.append(f"{path} ({error})")
+            client_log.warning("upload-failed path=%s error=%s", path, error)
+
+    def progress_reader(self, handle: Any, size: int, label: str) -> Any:
+        """The file itself, or a reader that draws a progress bar (large files, on a terminal)."""
+        if not self.progress or size < PROGRESS_MIN_BYTES:
+            return handle
+
+        async def chunks() -> AsyncIterator[bytes]:
+            sent = 0
+            while chunk := handle.read(CHUNK_SIZE):
+                sent += len(chunk)
+                draw_progress(label, sent, size)
+                yield chunk
+            sys.stdout.write("\n")
+        return chunks()
+
+    async def push_delete(self, base: LocalFile, report: PassReport) -> None:
+        """Delete on the server a file deleted here, if it is still the version we had."""
+        status, _ = await self.call("DELETE", "/files/", base.path, params={
+            "client_id": self.client_id, "base_checksum": base.checksum})
+        if status in (200, 404):
+            report.deleted_there += status == 200
+            client_log.info("delete-remote path=%s status=%d", base.path, status)
+        else:   # 409: changed on the server since; the next plan downloads it
+            client_log.info("delete-remote-skipped path=%s status=%d", base.path, status)
+        self.state.drop_base(base.path)
+
+    async def download(self, path: str) -> tuple[Path, str, int] | None:
+        """The server's current file into tmp/, verified against its ETag; None if gone."""
+        temp = self.state.tmp_dir / f"down-{uuid.uuid4().hex}"
+        async with self.session.get(self.url("/download/", path), headers=self.headers) as response:
+            if response.status == 404:
+                return None
+            if response.status != 200:
+                raise ClientError(f"download of {path} answered {response.status}")
+            expected = response.headers.get("ETag", "").strip('"')
+            size = response.content_length or 0
+            hasher = hashlib.sha256()
+            received = 0
+            try:
+                with open(temp, "wb") as out:
+                    async for chunk in response.content.iter_chunked(CHUNK_SIZE):
+                        hasher.update(chunk)
+                        out.write(chunk)
+                        received += len(chunk)
+                        if self.progress and size >= PROGRESS_MIN_BYTES:
+                            draw_progress(f"down {path}", received, size)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+        if hasher.hexdigest() != expected:
+            temp.unlink(missing_ok=True)
+            raise ClientError(f"download of {path} does not match its checksum")
+        return temp, expected, received
+
+    def place(self, temp: Path, path: str, checksum: str, size: int, modified_time: float) -> None:
+        """Rename a verified download into the folder, with the server's mtime."""
+        target = self.folder / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.utime(temp, (modified_time, modified_time))
+        os.replace(temp, target)
+        self.state.set_base(LocalFile(path, checksum, size, os.stat(target).st_mtime_ns))
+
+    async def pull(self, path: str, modified_time: float, report: PassReport,
+                   scanned: LocalFile | None = None) -> None:
+        """Download the server's version of path, unless this folder changed it meanwhile."""
+        base = self.state.base(path)
+        current = local_file(self.folder, path, base)
+        if current is not None and current != scanned and (base is None or current.checksum != base.checksum):
+            await self.resolve_conflict(path, report)     # written here since the plan was made
+            return
+        fetched = await self.download(path)
+        if fetched is None:
+            return
+        temp, checksum, size = fetched
+        try:
+            self.place(temp, path, checksum, size, modified_time)
+        except OSError as exc:        # a folder where the file goes, or the other way round
+            temp.unlink(missing_ok=True)
+            report.failed.append(f"{path} ({exc.strerror})")
+            client_log.warning("download-failed path=%s error=%s", path, exc.strerror)
+            return
+        report.downloaded += 1
+        client_log.info("download path=%s bytes=%d", path, size)
+
+    def delete_here(self, path: str, scanned: LocalFile | None, report: PassReport) -> None:
+        """Delete a local file the server deleted, only if it is unchanged since we looked."""
+        current = local_file(self.folder, path, self.state.base(path))
+        if current is not None and (scanned is None or current.checksum == scanned.checksum):
+            (self.folder / path).unlink()
+            self.prune_folders(path)
+            report.deleted_here += 1
+            client_log.info("delete-local path=%s", path)
+        self.state.drop_base(path)
+
+    def prune_folders(self, path: str) -> None:
+        """Remove folders a deletion left empty."""
+        parent = (self.folder / path).parent
+        while parent != self.folder:
+            try:
+                parent.rmdir()
+            except OSError:
+                return
+            parent = parent.parent
+
+    async def resolve_conflict(self, path: str, report: PassReport) -> None:
+        """Keep the local version as a conflict copy (uploaded, so every device sees it) and
+        take the server's version under the original name. No byte is lost."""
+        copy = conflict_name(path, self.client_id, time.time(),
+                             lambda name: (self.folder / name).exists())
+        local_path = self.folder / path
+        if local_path.exists():
+            os.replace(local_path, self.folder / copy)
+            client_log.warning("conflict path=%s kept-as=%s", path, copy)
+        self.state.drop_base(path)
+        fetched = await self.download(path)
+        if fetched is not None:
+            temp, checksum, size = fetched
+            status, body = await self.call("GET", "/files", params={"prefix": path})
+            entry = next((f for f in body["files"] if f["path"] == path), None) if body else None
+            self.place(temp, path, checksum, size, entry["modified_time"] if entry else time.time())
+            report.downloaded += 1
+        report.conflicts += 1
+        kept = local_file(self.folder, copy, None)
+        if kept is not None:
+            await self.push_file(copy, kept, report)
+
+    # -- live -----------------------------------------------------------------------
+
+    async def apply_remote(self, change: RemoteChange, report: PassReport) -> None:
+        """Apply another client's change to this folder."""
+        async with self.lock:
+            if change.seq <= self.state.cursor:
+                return
+            if change.client_id != self.client_id and not self.rules.ignored(change.path):
+                base = self.state.base(change.path)
+                local = local_file(self.folder, change.path, base)
+                if change.type == "upsert":
+                    if local is not None and local.checksum == change.checksum:
+                        self.state.set_base(local)
+                    elif local is not None and (base is None or local.checksum != base.checksum):
+                        await self.resolve_conflict(change.path, report)
+                    else:
+                        await self.pull(change.path, change.modified_time, report, scanned=local)
+                elif local is None:
+                    self.state.drop_base(change.path)
+                elif base is not None and local.checksum == base.checksum:
+                    self.delete_here(change.path, local, report)
+                else:     # edited here, deleted there: a modification beats a deletion
+                    await self.push_file(change.path, local, report)
+            self.state.cursor = change.seq
+
+    async def push_paths(self, paths: Iterable[str], report: PassReport) -> None:
+        """Push local changes of these paths (from the watcher); a folder stands for
+        everything under it (a renamed folder is reported as the folder alone)."""
+        async with self.lock:
+            for path in sorted(set(paths)):
+                if self.rules.ignored(path):
+                    continue
+                target = self.folder / path
+                if target.is_dir() and not target.is_symlink():
+                    below, _ = await asyncio.to_thread(scan_folder, target, IgnoreRules(target), {})
+                    for child in sorted(below):
+                        await self.push_one(f"{path}/{child}", report)
+                else:
+                    await self.push_one(path, report)
+                for child, child_base in self.state.bases().items():
+                    if child.startswith(path + "/") and not (self.folder / child).exists():
+                        await self.push_delete(child_base, report)
+
+    async def push_one(self, path: str, report: PassReport) -> None:
+        """Upload path if it differs from its base; delete it there if it is gone here."""
+        if self.rules.ignored(path):
+            return
+        base = self.state.base(path)
+        local = local_file(self.folder, path, base)
+        if local is not None:
+            if base is None or local.checksum != base.checksum:
+                await self.push_file(path, local, report)
+        elif base is not None and not (self.folder / path).exists():
+            await self.push_delete(base, report)
+
+    async def catch_up(self) -> PassReport:
+        """Apply the journal from our cursor (/changes), then push what changed here offline."""
+        report = PassReport()
+        while True:
+            status, page = await self.call("GET", "/changes", params={
+                "since": str(self.state.cursor), "limit": "1000"})
+            if status != 200:
+                raise ClientError(f"/changes answered {status}")
+            for entry in page["changes"]:
+                await self.apply_remote(RemoteChange.from_json(entry), report)
+            if not page["has_more"]:
+                break
+        bases = self.state.bases()
+        local, _ = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
+        changed = [path for path, f in local.items()
+                   if path not in bases or bases[path].checksum != f.checksum]
+        missing = [path for path in bases if path not in local]
+        if is_mass_vanish(len(missing), len(bases)) and not self.accept_deletions:
+            raise FolderVanished(f"{len(missing)} of the {len(bases)} tracked files are missing "
+                                 f"from {self.folder}: not pushing their deletion")
+        await self.push_paths(changed + missing, report)
+        return report
+
+    async def listen(self, ws: Any) -> None:
+        """Apply events from the WebSocket until it closes."""
+        report = PassReport()
+        async for message in ws:
+            if message.type != WSMsgType.TEXT:
+                continue
+            event = json.loads(message.data)
+            if event.get("type") in ("file_changed", "file_deleted"):
+                await self.apply_remote(RemoteChange.from_json(event), report)
+                if report.failed:
+                    client_log.warning("failed: %s", ", ".join(report.failed))
+                    report.failed.clear()
+
+    async def watch(self) -> None:
+        """Push local changes as they happen (debounced by watchfiles)."""
+        import watchfiles
+        state_dir = str(self.folder / CLIENT_STATE_DIR)
+        async for changes in watchfiles.awatch(
+                self.folder, debounce=WATCH_DEBOUNCE_MS, recursive=True,
+                watch_filter=lambda _, name: not name.startswith(state_dir)):
+            paths = []
+            for _, name in changes:
+                relative = os.path.relpath(name, self.folder)
+                if not relative.startswith(".."):
+                    paths.append(relative.replace(os.sep, "/"))
+            report = PassReport()
+            await self.push_paths(paths, report)
+            if report.uploaded or report.deleted_there or report.failed:
+                print(report.summary(), flush=True)
+
+    async def run_live(self) -> None:
+        """Sync, then stay connected: apply remote events, push local ones; reconnect with
+        exponential back-off and catch up with /changes each time."""
+        delay = 1.0
+        first = True
+        watcher: asyncio.Task[None] | None = None
+        try:
+            while True:
+                try:
+                    ws_url = self.url("/ws/", self.client_id)
+                    async with self.session.ws_connect(ws_url, headers=self.headers,
+                                                       heartbeat=30.0) as ws:
+                        hello = await ws.receive_json(timeout=30)
+                        if first or hello["epoch"] != self.state.get("epoch"):
+                            print((await self.full_pass()).summary(), flush=True)
+                            first = False
+                        else:
+                            print((await self.catch_up()).summary(), flush=True)
+                        if watcher is None:
+                            watcher = asyncio.ensure_future(self.watch())
+                        delay = 1.0
+                        client_log.info("live server=%s cursor=%d", self.server, self.state.cursor)
+                        await self.listen(ws)
+                except FolderVanished:
+                    raise
+                except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, ClientError,
+                        KeyError, ValueError) as exc:
+                    client_log.warning("disconnected: %s; retrying in %.0f s", exc or type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+
+def draw_progress(label: str, done: int, total: int) -> None:
+    """A one-line progress bar on a terminal."""
+    width = 30
+    filled = int(width * done / total) if total else width
+    sys.stdout.write(f"\r{label[:40]:40} [{'#' * filled}{'.' * (width - filled)}] "
+                     f"{100 * done // max(total, 1):3d}%")
+    sys.stdout.flush()
+
+
+def client_parser() -> argparse.ArgumentParser:
+    """Flags of `python syncd.py client`."""
+    parser = argparse.ArgumentParser(
+        prog="syncd.py client", description="Keep a folder in sync with a syncd server.")
+    parser.add_argument("folder", help="the folder to sync (created if missing)")
+    parser.add_argument("--server", required=True, help="e.g. http://192.0.2.10:8000")
+    parser.add_argument("--client-id", help="this device's id (default: the host name)")
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", help="the server's API key")
+    keys.add_argument("--api-key-file", help="a file holding the API key")
+    parser.add_argument("--once", action="store_true",
+                        help="one full pass, then exit (0, or 1 if anything failed)")
+    parser.add_argument("--accept-deletions", action="store_true",
+                        help="push deletions even when most tracked files are gone")
+    parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
+    return parser
+
+
+async def run_client(args: argparse.Namespace, api_key: str | None) -> int:
+    """Run the client as the flags say; the exit code."""
+    folder = Path(args.folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    state_probe = ClientState(folder)
+    client_id = args.client_id or state_probe.get("client_id") or default_client_id()
+    state_probe.put("client_id", client_id)
+    state_probe.close()
+    client = SyncClient(folder, args.server, client_id, api_key, args.accept_deletions)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            client.session = session
+            if args.once:
+                report = await client.full_pass()
+                print(report.summary(), flush=True)
+                for failure in report.failed:
+                    print(f"failed: {failure}", flush=True)
+                return EXIT_CLIENT_FAILED if report.failed else 0
+            await client.run_live()
+            return 0
+    except FolderVanished as exc:
+        client_log.error("%s", exc)
+        return EXIT_MASS_VANISH
+    except (ClientError, aiohttp.ClientError, OSError) as exc:
+        client_log.error("sync failed: %s", exc)
+        return EXIT_CLIENT_FAILED
+    finally:
+        client.state.close()
+
+
+def client_main(argv: Sequence[str]) -> int:
+    """`python syncd.py client ...`."""
+    args = client_parser().parse_args(argv)
+    client_id = args.client_id
+    if client_id is not None and not CLIENT_ID_RE.fullmatch(client_id):
+        print("syncd client: --client-id must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        api_key = read_api_key_file(args.api_key_file) if args.api_key_file else args.api_key
+    except ConfigError as exc:
+        print(f"syncd client: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(args.log_level, os.environ)
+    try:
+        return asyncio.run(run_client(args, api_key))
+    except KeyboardInterrupt:
+        return 0
+
+
+# ===========================================================================
 # CLI
 # ===========================================================================
 
@@ -2818,7 +3557,11 @@ def server_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse flags, load the config (exit 2 on a bad one), serve."""
+    """Entry point: `client ...` runs the client; otherwise load the config (exit 2 on
+    a bad one) and serve."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["client"]:
+        return client_main(argv[1:])
     args = server_parser().parse_args(argv)
     flags = {key: value for key, value in vars(args).items()
              if key not in ("config", "check_config", "accept_deletions")}

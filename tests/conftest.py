@@ -98,8 +98,9 @@ def free_port() -> int:
 class Daemon:
     """syncd.py running as a subprocess on a loopback port."""
 
-    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"daemon-{self.port}.log"
         self.data = tmp_path / "data"
@@ -143,8 +144,8 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start real daemons; each is stopped (SIGTERM, then SIGKILL) at the end."""
     started: list[Daemon] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
-        instance = Daemon(tmp_path, *args, env=env)
+    def start(*args: str, env: dict[str, str] | None = None, port: int | None = None) -> Daemon:
+        instance = Daemon(tmp_path, *args, env=env, port=port)
         started.append(instance)
         instance.wait_ready()
         return instance

@@ -1,0 +1,287 @@
+"""The reference client end to end: a real daemon, two or three client folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT, Daemon, sha
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under folder but the client's state, with its bytes."""
+    found = {}
+    for current, subfolders, names in os.walk(folder):
+        subfolders[:] = [name for name in subfolders if name != ".syncd-client"]
+        for name in names:
+            path = Path(current) / name
+            found[path.relative_to(folder).as_posix()] = path.read_bytes()
+    return found
+
+
+def write(folder: Path, path: str, data: bytes) -> None:
+    target = folder / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Clients:
+    """Client folders A, B, C against one server."""
+
+    def __init__(self, tmp_path: Path, server: Daemon) -> None:
+        self.tmp_path = tmp_path
+        self.server = server
+        self.live: list[subprocess.Popen[bytes]] = []
+        for name in ("A", "B", "C"):
+            (tmp_path / name).mkdir()
+
+    def folder(self, name: str) -> Path:
+        return self.tmp_path / name
+
+    def command(self, name: str, *extra: str) -> list[str]:
+        return [sys.executable, str(ROOT / "syncd.py"), "client", str(self.folder(name)),
+                "--server", self.server.url, "--client-id", f"device-{name.lower()}", *extra]
+
+    def once(self, name: str, *extra: str, expect: int = 0) -> str:
+        result = subprocess.run(self.command(name, "--once", *extra), capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == expect, result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        log = open(self.tmp_path / f"client-{name}.log", "ab")
+        process = subprocess.Popen(self.command(name), stdout=log, stderr=subprocess.STDOUT)
+        self.live.append(process)
+        wait_until(lambda: "live server=" in self.log(name) or process.poll() is not None,
+                   f"client {name} to go live")
+        assert process.poll() is None, self.log(name)
+        return process
+
+    def log(self, name: str) -> str:
+        path = self.tmp_path / f"client-{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        for process in self.live:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=10)
+
+
+@pytest.fixture
+def clients(tmp_path: Path, daemon: Any) -> Iterator[Clients]:
+    group = Clients(tmp_path, daemon())
+    yield group
+    group.stop()
+
+
+def converged(clients: Clients, *names: str) -> bool:
+    trees = [tree(clients.folder(name)) for name in names]
+    return all(t == trees[0] for t in trees)
+
+
+# -- one pass at a time ------------------------------------------------------------
+
+def test_create_modify_delete_rename_nested_empty_and_large(clients: Clients) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    big = os.urandom(12 * 1024 * 1024 + 7)
+    for path, data in {"top.txt": b"top", "deep/er/still/x.md": b"x", "empty": b"",
+                       "big.bin": big, "caf\u00e9 \u00e0 la carte.txt": b"unicode"}.items():
+        write(a, path, data)
+    clients.once("A")
+    clients.once("B")
+    assert tree(b) == tree(a) and tree(b)["big.bin"] == big
+    write(b, "top.txt", b"modified on B")
+    (b / "deep/er/still/x.md").unlink()
+    (b / "empty").rename(b / "renamed-empty")
+    clients.once("B")
+    clients.once("A")
+    assert tree(a) == tree(b)
+    assert tree(a)["top.txt"] == b"modified on B" and "renamed-empty" in tree(a)
+    assert not (a / "deep").exists()                 # emptied folders go too
+
+
+def test_concurrent_edits_keep_both_versions_on_both_sides(clients: Clients) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    write(a, "notes/plan.txt", b"v1")
+    clients.once("A")
+    clients.once("B")
+    write(a, "notes/plan.txt", b"edited on A")
+    write(b, "notes/plan.txt", b"edited on B")
+    clients.once("A")
+    output = clients.once("B")
+    assert "1 conflicts" in output
+    clients.once("A")
+    assert tree(a) == tree(b)
+    files = tree(a)
+    assert sorted(files.values()) == [b"edited on A", b"edited on B"]
+    copy = next(path for path in files if path != "notes/plan.txt")
+    assert copy.startswith("notes/plan.sync-conflict-") and copy.endswith("-device-b.txt")
+
+
+def test_offline_edits_on_both_sides_merge(clients: Clients) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    write(a, "shared.txt", b"s")
+    clients.once("A")
+    clients.once("B")
+    write(a, "from-a.txt", b"a")
+    write(b, "from-b.txt", b"b")
+    write(b, "shared.txt", b"b changed it")
+    clients.once("A")
+    clients.once("B")
+    clients.once("A")
+    assert tree(a) == tree(b) == {"shared.txt": b"b changed it", "from-a.txt": b"a",
+                                  "from-b.txt": b"b"}
+
+
+def test_an_edit_beats_a_deletion_elsewhere(clients: Clients) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    write(a, "doc.txt", b"v1")
+    write(a, "other.txt", b"o")
+    write(a, "third.txt", b"t")
+    clients.once("A")
+    clients.once("B")
+    (a / "doc.txt").unlink()
+    write(b, "doc.txt", b"v2 edited while A deleted it")
+    clients.once("A")
+    clients.once("B")
+    clients.once("A")
+    assert tree(a) == tree(b)
+    assert tree(a)["doc.txt"] == b"v2 edited while A deleted it"
+
+
+def test_emptied_folder_deletes_nothing_on_the_server(clients: Clients) -> None:
+    a, c = clients.folder("A"), clients.folder("C")
+    for index in range(5):
+        write(a, f"f{index}.txt", b"%d" % index)
+    clients.once("A")
+    for path in tree(a):
+        (a / path).unlink()                          # the folder's disk is gone; its state stayed
+    output = clients.once("A", expect=3)
+    assert "not pushing their deletion" in output
+    clients.once("C")
+    assert len(tree(c)) == 5                         # the server lost nothing
+    shutil.rmtree(a)                                 # unmounted for real: state gone too
+    a.mkdir()
+    clients.once("A")
+    assert tree(a) == tree(c)
+
+
+def test_reset_server_is_a_union_resync(clients: Clients, daemon: Any) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    write(a, "kept.txt", b"k")
+    write(a, "also.txt", b"a")
+    clients.once("A")
+    clients.once("B")
+    clients.server.stop()
+    shutil.rmtree(clients.server.data)               # a new server: new epoch, no history
+    clients.server = daemon()
+    clients.once("A")                                # A repopulates the new server
+    (b / "also.txt").unlink()                        # with a trusted base: a deletion to push
+    output = clients.once("B")
+    assert "reset or restored" in output and "0 deleted on the server" in output
+    clients.once("A")
+    assert tree(a) == tree(b) == {"kept.txt": b"k", "also.txt": b"a"}
+
+
+def test_syncignore_and_client_state_are_never_synced(clients: Clients) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    write(a, ".syncignore", b"*.tmp\ncache/\n# a comment\nbuild/*.o\n")
+    write(a, "keep.txt", b"k")
+    write(a, "scratch.tmp", b"t")
+    write(a, "deep/also.tmp", b"t")
+    write(a, "cache/blob", b"c")
+    write(a, "build/x.o", b"o")
+    write(a, "build/x.c", b"c")
+    clients.once("A")
+    clients.once("B")
+    assert sorted(tree(b)) == [".syncignore", "build/x.c", "keep.txt"]
+    listed = clients.server.data
+    assert not (listed / ".syncd-client").exists()
+
+
+def test_once_reports_failures_with_exit_1(tmp_path: Path, daemon: Any) -> None:
+    group = Clients(tmp_path, daemon("--allowed-extensions", ".txt"))
+    write(group.folder("A"), "ok.txt", b"fine")
+    write(group.folder("A"), "tool.exe", b"refused")
+    output = group.once("A", expect=1)
+    assert "1 uploaded" in output and "failed: tool.exe (extension_not_allowed)" in output
+
+
+def test_bad_client_id_is_a_usage_error(clients: Clients) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "syncd.py"), "client",
+                             str(clients.folder("A")), "--server", clients.server.url,
+                             "--client-id", "bad id", "--once"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "client-id" in result.stderr
+
+
+def test_wrong_api_key_fails_clearly(tmp_path: Path, daemon: Any) -> None:
+    group = Clients(tmp_path, daemon("--api-key", "right"))
+    output = group.once("A", "--api-key", "wrong", expect=1)
+    assert "401" in output
+    write(group.folder("A"), "a.txt", b"a")
+    assert "1 uploaded" in group.once("A", "--api-key", "right")
+
+
+# -- live ---------------------------------------------------------------------------
+
+def test_live_changes_flow_both_ways(clients: Clients) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    write(a, "before.txt", b"synced at start")
+    clients.start("A")
+    clients.start("B")
+    wait_until(lambda: tree(b).get("before.txt") == b"synced at start", "the initial pass")
+    write(a, "live/new.txt", b"from A")
+    wait_until(lambda: tree(b).get("live/new.txt") == b"from A", "a create to reach B")
+    write(b, "live/new.txt", b"modified on B")
+    wait_until(lambda: tree(a).get("live/new.txt") == b"modified on B", "a modify to reach A")
+    (a / "before.txt").rename(a / "after.txt")
+    wait_until(lambda: "after.txt" in tree(b) and "before.txt" not in tree(b), "a rename")
+    (b / "live" / "new.txt").unlink()
+    wait_until(lambda: "live/new.txt" not in tree(a), "a delete to reach A")
+    (a / "folder").mkdir()
+    write(a, "folder/one", b"1")
+    write(a, "folder/two", b"2")
+    wait_until(lambda: converged(clients, "A", "B") and "folder/two" in tree(b), "a new folder")
+
+
+def test_live_clients_survive_a_server_restart(clients: Clients, daemon: Any) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    clients.start("A")
+    clients.start("B")
+    write(a, "one.txt", b"1")
+    wait_until(lambda: "one.txt" in tree(b), "the first file")
+    port = clients.server.port
+    clients.server.stop()
+    write(a, "while-down.txt", b"offline edit")           # pushed after the reconnect
+    clients.server = daemon(port=port)
+    wait_until(lambda: tree(b).get("while-down.txt") == b"offline edit",
+               "the edit made while the server was down", timeout=60)
+    write(b, "after.txt", b"after restart")
+    wait_until(lambda: "after.txt" in tree(a), "a change after the restart", timeout=30)
+    assert converged(clients, "A", "B")
