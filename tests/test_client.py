@@ -285,3 +285,30 @@ def test_live_clients_survive_a_server_restart(clients: Clients, daemon: Any) ->
     write(b, "after.txt", b"after restart")
     wait_until(lambda: "after.txt" in tree(a), "a change after the restart", timeout=30)
     assert converged(clients, "A", "B")
+
+
+def test_progress_bar_only_on_a_terminal(clients: Clients) -> None:
+    import pty
+    a = clients.folder("A")
+    write(a, "big.bin", os.urandom(9 * 1024 * 1024))
+    master, slave = pty.openpty()
+    process = subprocess.Popen(clients.command("A", "--once"), stdout=slave,
+                               stderr=subprocess.DEVNULL)
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:          # EIO: the other end closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert process.wait(timeout=30) == 0
+    assert b"up big.bin" in output and b"100%" in output and b"[####" in output
+    write(clients.folder("B"), "small.txt", b"s")
+    piped = clients.once("B")                        # not a terminal: plain lines only
+    assert "down big.bin" not in piped and "%" not in piped
+    assert "download path=big.bin" in piped
