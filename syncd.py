@@ -1308,9 +1308,10 @@ async def recover(store: MetadataStore, files: FileStore, accept_deletions: bool
     report.unchanged = len(on_disk) - len(suspects)
     for start in range(0, len(suspects), RECOVERY_BATCH):
         batch = suspects[start:start + RECOVERY_BATCH]
-        hashed = await asyncio.to_thread(lambda: [hash_on_disk(files, path) for path in batch])
+        hashed = await asyncio.to_thread(
+            lambda paths: [hash_on_disk(files, path) for path in paths], batch)
         async with store.transaction() as tx:
-            for path, result in zip(batch, hashed):
+            for path, result in zip(batch, hashed, strict=True):
                 if result is None:
                     report.skipped.append(path)
                     continue

@@ -81,6 +81,16 @@ async def error_of(response: Any, status: int) -> dict[str, Any]:
     return body
 
 
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Poll check every 50 ms until it holds; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def tmp_files(data_dir: Path) -> list[str]:
     """What is left in .syncd/tmp/."""
     return sorted(os.listdir(data_dir / ".syncd" / "tmp"))

@@ -11,12 +11,12 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_until
 
 KEY = "container-key"
 
@@ -142,13 +142,6 @@ def http(url: str, method: str = "GET", data: bytes | None = None,
         return exc.code
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_service_runs_reloads_logs_and_stops_under_systemd(container: Container) -> None:

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 import syncd
-from conftest import ROOT, Daemon, free_port
+from conftest import ROOT, Daemon
 
 UNIT = ROOT / "systemd" / "syncd.service"
 
