@@ -3417,7 +3417,13 @@ class SyncClient:
                 if not relative.startswith(".."):
                     paths.append(relative.replace(os.sep, "/"))
             report = PassReport()
-            await self.push_paths(paths, report)
+            try:
+                await self.push_paths(paths, report)
+            except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, ClientError,
+                    OSError) as exc:
+                # The server is away: the catch-up after the reconnect pushes these.
+                client_log.warning("push-failed error=%s", exc or type(exc).__name__)
+                continue
             if report.uploaded or report.deleted_there or report.failed:
                 print(report.summary(), flush=True)
 
@@ -3439,7 +3445,7 @@ class SyncClient:
                             first = False
                         else:
                             print((await self.catch_up()).summary(), flush=True)
-                        if watcher is None:
+                        if watcher is None or watcher.done():
                             watcher = asyncio.ensure_future(self.watch())
                         delay = 1.0
                         client_log.info("live server=%s cursor=%d", self.server, self.state.cursor)

@@ -277,6 +277,8 @@ def test_live_clients_survive_a_server_restart(clients: Clients, daemon: Any) ->
                "the edit made while the server was down", timeout=60)
     write(b, "after.txt", b"after restart")
     wait_until(lambda: "after.txt" in tree(a), "a change after the restart", timeout=30)
+    write(a, "later.txt", b"A's watcher still works")    # its push failed while the server was down
+    wait_until(lambda: "later.txt" in tree(b), "a live change from A after the restart", timeout=30)
     assert converged(clients, "A", "B")
 
 
