@@ -1,17 +1,38 @@
-"""syncd benchmarks: `python tests/bench.py [--json FILE] [--rounds N]`. Not collected by pytest.
+"""syncd benchmarks, side by side with nginx: `python tests/bench.py [--json FILE] [--quick]`.
 
-Starts syncd on a loopback port with a temp directory and measures, as the median
-of several runs with min and max:
+Not collected by pytest. Starts syncd on a loopback port with a temp directory
+(and, where Debian's nginx is installed, nginx with its WebDAV module on
+another port) and measures, each as the median of several runs with min and max:
 
-- live: the time from a file written in client folder A to the same bytes in
-  client folder B, both running `python syncd.py client` live.
+ 1. upload one 1 GiB file with a raw PUT and with multipart POST /upload (MB/s),
+    and the daemon's peak resident memory during it (curl);
+ 2. download it (MB/s, curl);
+ 3. uploads of distinct 4 KiB files at concurrency 8 for 5 s, some thousands
+    (files/s, wrk: it runs for a duration, not a count);
+ 4. downloads of those files at concurrency 8 for 5 s (files/s, wrk);
+ 5. POST /sync with a 100,000-entry manifest against a server holding 100,000
+    files (seconds, and the daemon's extra memory), and the restart over them;
+ 6. with 1,000 WebSocket clients connected, the time from an upload's response
+    to the last client receiving its file_changed (median, p99; negative when
+    every client had it before the uploader had its answer), and from the
+    upload's start;
+ 7. the daemon's idle resident memory;
+ 8. the live client: a write in folder A to the same bytes in folder B.
+
+nginx runs workloads 1-4 in the same run; the table shows syncd/nginx. Note
+that nginx's PUT neither hashes nor fsyncs: syncd does both before it answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hashlib
 import json
 import os
+import platform
+import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -19,11 +40,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+MB = 1_000_000
+GIB = 1024 ** 3
 
+
+# -- processes ------------------------------------------------------------------------
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -31,7 +57,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(check: Any, timeout: float, what: str) -> None:
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -40,83 +66,464 @@ def wait_for(check: Any, timeout: float, what: str) -> None:
     raise SystemExit(f"bench: timed out waiting for {what}")
 
 
-def start_daemon(work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "syncd.py"), "--port", str(port), "--sync-directory",
-         str(work / "server"), "--log-level", "warning", "--max-file-size", "2GiB"],
-        stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
-
-    def ready() -> bool:
+def listening(port: int) -> Callable[[], bool]:
+    def check() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
             return True
         except OSError:
             return False
-    wait_for(ready, 20, "the daemon")
-    return process, f"http://127.0.0.1:{port}"
+    return check
 
 
-def start_client(work: Path, name: str, url: str) -> subprocess.Popen[bytes]:
-    folder = work / name
-    folder.mkdir()
-    log = work / f"client-{name}.log"
+class Server:
+    """A process serving on a loopback port."""
+
+    def __init__(self, name: str, process: subprocess.Popen[bytes], port: int,
+                 upload_path: str, download_path: str) -> None:
+        self.name, self.process, self.port = name, process, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.upload_path, self.download_path = upload_path, download_path
+
+    def rss_mb(self) -> float:
+        return status_field(self.process.pid, "VmRSS") / 1024
+
+    def reset_peak(self) -> None:
+        """Writing 5 to clear_refs resets VmHWM (Linux 4.0+)."""
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+
+    def peak_mb(self) -> float:
+        return status_field(self.process.pid, "VmHWM") / 1024
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def status_field(pid: int, name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    raise SystemExit(f"bench: no {name} for {pid}")
+
+
+def start_syncd(work: Path, data: str = "syncd-data", timeout: float = 60) -> Server:
+    port = free_port()
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "syncd.py"), "client", str(folder), "--server", url,
-         "--client-id", f"bench-{name}"], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    wait_for(lambda: "live server=" in log.read_text(errors="replace"), 30, f"client {name}")
-    return process
+        [sys.executable, str(ROOT / "syncd.py"), "--port", str(port), "--sync-directory",
+         str(work / data), "--log-level", "warning", "--max-file-size", "2GiB",
+         "--max-websocket-clients", "5000"],
+        stdout=subprocess.DEVNULL, stderr=open(work / f"{data}.log", "ab"))
+    wait_for(listening(port), timeout, "syncd")
+    return Server("syncd", process, port, "/files/", "/files/")
 
 
-def bench_live(work: Path, url: str, rounds: int) -> dict[str, float]:
-    """Seconds from a write in A to the same bytes in B."""
-    clients = [start_client(work, name, url) for name in ("A", "B")]
+NGINX_CONF = """
+user root;
+worker_processes auto;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_max_body_size 0;
+    client_body_temp_path {work}/nginx-body;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        root {work}/nginx-root;
+        location /files/ {{
+            dav_methods PUT DELETE;
+            create_full_put_path on;
+            dav_access user:rw group:r all:r;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(work: Path) -> Server | None:
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        return None
+    port = free_port()
+    (work / "nginx-root" / "files").mkdir(parents=True)
+    (work / "nginx-body").mkdir()
+    conf = work / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(work=work, port=port))
+    process = subprocess.Popen([nginx, "-c", str(conf), "-p", str(work)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(listening(port), 20, "nginx")
+    return Server("nginx", process, port, "/files/", "/files/")
+
+
+# -- measuring ------------------------------------------------------------------------
+
+def summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
+            "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], "n": len(ordered)}
+
+
+def make_big_file(work: Path, size: int) -> Path:
+    path = work / "big.bin"
+    block = os.urandom(1024 * 1024)
+    with open(path, "wb") as out:
+        for index in range(size // len(block)):
+            out.write(hashlib.sha256(block + index.to_bytes(8, "big")).digest() + block[32:])
+    return path
+
+
+def curl(*args: str) -> dict[str, float]:
+    """Run curl; its -w figures as a dict."""
+    result = subprocess.run(["curl", "-s", "-o", "/dev/null", "-H", "Expect:", "-w",
+                             '{"code": %{http_code}, "time": %{time_total}}', *args],
+                            capture_output=True, text=True, timeout=600)
+    figures = json.loads(result.stdout)
+    if figures["code"] not in (200, 201, 204):
+        raise SystemExit(f"bench: curl {' '.join(args)} answered {figures['code']}")
+    return figures
+
+
+def bench_large(server: Server, big: Path, rounds: int, multipart: bool) -> dict[str, Any]:
+    """Workload 1: MB/s of a 1 GiB upload, with peak RSS over idle."""
+    size = big.stat().st_size
+    speeds, peaks = [], []
+    for index in range(rounds):
+        idle = server.rss_mb()
+        server.reset_peak()
+        if multipart:
+            figures = curl("-F", f"relative_path=big-mp-{index}.bin", "-F", "client_id=bench",
+                           "-F", f"file=@{big}", f"{server.url}/upload")
+        else:
+            figures = curl("-T", str(big), "-H", "X-Client-Id: bench",
+                           f"{server.url}{server.upload_path}big-{index}.bin")
+        speeds.append(size / figures["time"] / MB)
+        peaks.append(server.peak_mb() - idle)
+    return {"mb_per_s": summary(speeds), "peak_rss_over_idle_mb": summary(peaks)}
+
+
+def bench_download(server: Server, size: int, rounds: int) -> dict[str, Any]:
+    """Workload 2: MB/s of a 1 GiB download."""
+    speeds = []
+    for _ in range(rounds):
+        figures = curl(f"{server.url}{server.download_path}big-0.bin")
+        speeds.append(size / figures["time"] / MB)
+    return {"mb_per_s": summary(speeds)}
+
+
+WRK_SCRIPT = """
+local counter = 0
+local threads = {}
+function setup(thread)
+    thread:set("id", counter)
+    counter = counter + 1
+    table.insert(threads, thread)
+end
+function init(args)
+    mode, prefix, limit = args[1], args[2], tonumber(args[3])
+    sent, done, bad = 0, 0, 0
+    filler = string.rep("x", 4096 - 16)
+end
+function request()
+    sent = sent + 1
+    local index = sent
+    -- wrk calls request() once before the run: name 1 is never sent, so GET starts at 2
+    if mode == "get" then index = ((sent - 1) % (limit - 1)) + 2 end
+    local number = id * 10000000 + index
+    local path = prefix .. number .. ".bin"
+    if mode == "put" then
+        local body = string.format("%016d", number) .. filler
+        return wrk.format("PUT", path, {["X-Client-Id"] = "bench"}, body)
+    end
+    return wrk.format("GET", path)
+end
+function response(status, headers, body)
+    done = done + 1
+    if status >= 300 then bad = bad + 1 end
+end
+function done(summary, latency, requests)
+    local bad_total, fewest = 0, nil
+    for _, thread in ipairs(threads) do
+        bad_total = bad_total + thread:get("bad")
+        local finished = thread:get("done")
+        if fewest == nil or finished < fewest then fewest = finished end
+    end
+    io.write(string.format('\\nRESULT {"requests": %d, "duration_us": %d, "bad": %d, ' ..
+        '"fewest_per_thread": %d, "latency_p50_us": %d, "latency_p99_us": %d}\\n',
+        summary.requests, summary.duration, bad_total, fewest, latency:percentile(50),
+        latency:percentile(99)))
+end
+"""
+SMALL_SECONDS = 5
+
+
+def wrk(server: Server, work: Path, mode: str, prefix: str, limit: int) -> dict[str, float]:
+    """SMALL_SECONDS of requests at concurrency 8 (2 threads x 4 connections).
+
+    PUT creates a new file per request; GET cycles through the first `limit`
+    files each thread created."""
+    script = work / "bench.lua"
+    script.write_text(WRK_SCRIPT)
+    result = subprocess.run(
+        ["wrk", "-t2", "-c8", f"-d{SMALL_SECONDS}s", "-s", str(script), server.url, "--", mode,
+         f"{server.upload_path}{prefix}", str(limit)],
+        capture_output=True, text=True, timeout=120)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
+    figures = json.loads(line[len("RESULT "):])
+    if figures["bad"]:
+        raise SystemExit(f"bench: {figures['bad']} {mode} requests to {server.name} failed")
+    return {"files_per_s": figures["requests"] / (figures["duration_us"] / 1e6),
+            "files": figures["requests"], "fewest_per_thread": figures["fewest_per_thread"],
+            "p50_ms": figures["latency_p50_us"] / 1000, "p99_ms": figures["latency_p99_us"] / 1000}
+
+
+def bench_small(server: Server, work: Path, rounds: int) -> dict[str, Any]:
+    """Workloads 3 and 4: small-file uploads, then downloads of the same files."""
+    uploads, downloads = [], []
+    for index in range(rounds):
+        put = wrk(server, work, "put", f"small{index}/f", 0)
+        uploads.append(put)
+        # the last request of each connection may not have finished: leave those out
+        downloads.append(wrk(server, work, "get", f"small{index}/f",
+                             max(3, put["fewest_per_thread"] - 8)))
+    return {"upload_files_per_s": summary([u["files_per_s"] for u in uploads]),
+            "uploaded_files": summary([u["files"] for u in uploads]),
+            "upload_p99_ms": summary([u["p99_ms"] for u in uploads]),
+            "download_files_per_s": summary([d["files_per_s"] for d in downloads]),
+            "download_p99_ms": summary([d["p99_ms"] for d in downloads])}
+
+
+def bench_sync_manifest(work: Path, files: int, rounds: int) -> dict[str, Any]:
+    """Workload 5: a server holding `files` files (put on disk, imported by start-up
+    recovery), then POST /sync with a manifest of all of them."""
+    import urllib.request
+    data = work / "sync-data"
+    entries = []
+    for index in range(files):
+        path = f"d{index % 1000:03d}/f{index:06d}.txt"
+        content = b"file %d\n" % index
+        target = data / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+        digest = hashlib.sha256(content).hexdigest()
+        entries.append({"path": path, "checksum": digest, "size": len(content),
+                        "modified_time": 1700000000.0, "base_checksum": digest})
+    started = time.monotonic()
+    server = start_syncd(work, "sync-data", timeout=600)
+    first_start = time.monotonic() - started
+    server.stop()
+    started = time.monotonic()
+    server = start_syncd(work, "sync-data", timeout=600)
+    restart = time.monotonic() - started
+    body = json.dumps({"client_id": "bench", "files": entries}).encode()
+    seconds, extra = [], []
+    try:
+        for _ in range(rounds):
+            idle = server.rss_mb()
+            server.reset_peak()
+            request = urllib.request.Request(f"{server.url}/sync", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            started = time.monotonic()
+            with urllib.request.urlopen(request, timeout=300) as response:
+                plan = json.loads(response.read())
+            seconds.append(time.monotonic() - started)
+            extra.append(server.peak_mb() - idle)
+            if plan["upload"] or plan["download"] or plan["conflicts"]:
+                raise SystemExit("bench: the 100,000-file plan was not empty")
+    finally:
+        server.stop()
+    return {"seconds": summary(seconds), "extra_rss_mb": summary(extra),
+            "first_start_s": first_start, "restart_s": restart, "manifest_mb": len(body) / MB}
+
+
+async def fan_out(server: Server, clients: int, rounds: int) -> dict[str, Any]:
+    """Workload 6: time from an upload's response to the last of `clients` WebSocket
+    clients receiving its file_changed. The receiving clients share this process,
+    so the figure includes this process's own time to read 1,000 frames."""
+    import aiohttp
+    arrivals: dict[int, list[float]] = {}
+    everyone = asyncio.Event()
+
+    async def listen(ws: Any) -> None:
+        async for message in ws:
+            event = json.loads(message.data)
+            if event.get("type") == "file_changed":
+                stamps = arrivals.setdefault(event["seq"], [])
+                stamps.append(time.monotonic())
+                if len(stamps) == clients:
+                    everyone.set()
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        sockets = []
+        for index in range(clients):
+            ws = await session.ws_connect(f"{server.url}/ws/fan{index}", heartbeat=None)
+            await ws.receive_json()
+            sockets.append(ws)
+        readers = [asyncio.ensure_future(listen(ws)) for ws in sockets]
+        after_answer, after_start = [], []
+        for index in range(rounds):
+            everyone.clear()
+            started = time.monotonic()
+            async with session.put(f"{server.url}/files/fan/{index}.txt", data=b"%d" % index,
+                                   headers={"X-Client-Id": "uploader"}) as response:
+                answered = time.monotonic()
+                seq = (await response.json())["revision"]
+            await asyncio.wait_for(everyone.wait(), 30)
+            after_answer.append(max(arrivals[seq]) - answered)
+            after_start.append(max(arrivals[seq]) - started)
+            await asyncio.sleep(0.05)
+        for reader in readers:
+            reader.cancel()
+        for ws in sockets:
+            await ws.close()
+    return {"last_client_ms": summary([s * 1000 for s in after_answer]),
+            "last_client_from_start_ms": summary([s * 1000 for s in after_start]),
+            "clients": clients}
+
+
+def bench_live(work: Path, url: str, rounds: int) -> dict[str, Any]:
+    """Workload 8: seconds from a write in A to the same bytes in B (live clients)."""
+    processes = []
+    for name in ("A", "B"):
+        (work / name).mkdir()
+        log = work / f"client-{name}.log"
+        processes.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "syncd.py"), "client", str(work / name), "--server", url,
+             "--client-id", f"bench-{name}"], stdout=open(log, "wb"), stderr=subprocess.STDOUT))
+        wait_for(lambda log=log: "live server=" in log.read_text(errors="replace"), 30,
+                 f"client {name}")
     try:
         samples = []
         for index in range(rounds):
             data = os.urandom(4096)
-            path_a, path_b = work / "A" / f"live-{index}.bin", work / "B" / f"live-{index}.bin"
+            target = work / "B" / f"live-{index}.bin"
             started = time.monotonic()
-            path_a.write_bytes(data)
+            (work / "A" / f"live-{index}.bin").write_bytes(data)
 
             def arrived() -> bool:
                 try:
-                    return path_b.read_bytes() == data
+                    return target.read_bytes() == data
                 except FileNotFoundError:
                     return False
             wait_for(arrived, 30, f"live round {index}")
             samples.append(time.monotonic() - started)
-            time.sleep(0.2)        # let both sides settle: rounds do not overlap
-        return summary(samples)
+            time.sleep(0.2)
+        return {"ms": summary([s * 1000 for s in samples])}
     finally:
-        for process in clients:
+        for process in processes:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=20)
 
 
-def summary(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
-            "n": len(samples)}
+# -- the run --------------------------------------------------------------------------
+
+def ratio(ours: float, theirs: float | None) -> str:
+    return f"{ours / theirs:6.2f}x" if theirs else "      -"
+
+
+def row(label: str, stats: dict[str, float], unit: str, nginx: dict[str, float] | None = None,
+        scale: float = 1.0) -> str:
+    theirs = nginx["median"] * scale if nginx else None
+    return (f"{label:46} {stats['median'] * scale:10.1f} {stats['min'] * scale:10.1f} "
+            f"{stats['max'] * scale:10.1f} {unit:8} "
+            f"{(f'{theirs:10.1f}' if theirs else '         -')} {ratio(stats['median'] * scale, theirs)}")
+
+
+def print_table(results: dict[str, Any]) -> None:
+    s, n = results["syncd"], results.get("nginx") or {}
+    print(f"\nsyncd {results['version']} on {results['machine']}, {results['date']}")
+    print(f"{'workload':46} {'median':>10} {'min':>10} {'max':>10} {'unit':8} "
+          f"{'nginx':>10} {'ratio':>7}")
+    print(row("1 GiB PUT upload", s["put"]["mb_per_s"], "MB/s", n.get("put", {}).get("mb_per_s")))
+    print(row("1 GiB multipart upload (vs nginx PUT)", s["multipart"]["mb_per_s"], "MB/s",
+              n.get("put", {}).get("mb_per_s")))
+    print(row("  peak RSS over idle during PUT", s["put"]["peak_rss_over_idle_mb"], "MB"))
+    print(row("  peak RSS over idle during multipart", s["multipart"]["peak_rss_over_idle_mb"], "MB"))
+    print(row("1 GiB download", s["download"]["mb_per_s"], "MB/s",
+              n.get("download", {}).get("mb_per_s")))
+    print(row("4 KiB uploads, c=8, durable", s["small"]["upload_files_per_s"], "files/s",
+              n.get("small", {}).get("upload_files_per_s")))
+    print(row("4 KiB downloads, c=8", s["small"]["download_files_per_s"], "files/s",
+              n.get("small", {}).get("download_files_per_s")))
+    if "sync" in s:
+        print(row("/sync, 100,000 entries", s["sync"]["seconds"], "s"))
+        print(row("  extra RSS during /sync", s["sync"]["extra_rss_mb"], "MB"))
+        print(f"{'  start over 100,000 files: first / restart':46} {s['sync']['first_start_s']:10.1f} "
+              f"{s['sync']['restart_s']:10.1f} {'':10} s")
+    if "fan_out" in s:
+        clients = s["fan_out"]["clients"]
+        for key, label in (("last_client_ms", f"fan-out to {clients}: last client after answer"),
+                           ("last_client_from_start_ms", "  ... after the upload's start")):
+            fan = s["fan_out"][key]
+            print(f"{label:46} {fan['median']:10.1f} {fan['min']:10.1f} {fan['max']:10.1f} "
+                  f"{'ms':8} p99 {fan['p99']:.1f}")
+    print(f"{'idle RSS':46} {s['idle_rss_mb']:10.1f} {'':10} {'':10} MB")
+    if "live" in s:
+        print(row("live client: write on A -> bytes on B", s["live"]["ms"], "ms"))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20, help="samples per workload")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each large workload")
+    parser.add_argument("--quick", action="store_true",
+                        help="64 MiB instead of 1 GiB, 10,000 instead of 100,000 entries, "
+                             "200 WebSocket clients: a smoke run")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--skip", default="", help="comma-separated: sync,fanout,live,nginx")
     args = parser.parse_args()
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
-    with tempfile.TemporaryDirectory(prefix="syncd-bench-") as temp:
+    skip = set(filter(None, args.skip.split(",")))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 20000), hard))
+    for tool in ("curl", "wrk"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"bench: {tool} is needed (Debian: apt-get install -y {tool})")
+    size = 64 * 1024 * 1024 if args.quick else GIB
+    entries = 10_000 if args.quick else 100_000
+    fan_clients = 200 if args.quick else 1000
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "version": "", "syncd": {},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
+    sys.path.insert(0, str(ROOT))
+    import syncd
+    results["version"] = syncd.__version__
+    with tempfile.TemporaryDirectory(prefix="syncd-bench-", dir=os.environ.get("BENCH_DIR")) as temp:
         work = Path(temp)
-        daemon, url = start_daemon(work)
+        big = make_big_file(work, size)
+        server = start_syncd(work)
         try:
-            results["live_sync_seconds"] = bench_live(work, url, args.rounds)
+            time.sleep(0.5)
+            results["syncd"]["idle_rss_mb"] = server.rss_mb()
+            results["syncd"]["put"] = bench_large(server, big, args.rounds, multipart=False)
+            results["syncd"]["multipart"] = bench_large(server, big, args.rounds, multipart=True)
+            results["syncd"]["download"] = bench_download(server, size, args.rounds)
+            results["syncd"]["small"] = bench_small(server, work, args.rounds)
+            if "fanout" not in skip:
+                results["syncd"]["fan_out"] = asyncio.run(fan_out(server, fan_clients, 30))
+            if "live" not in skip:
+                results["syncd"]["live"] = bench_live(work, server.url, 20)
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=30)
-    print(f"{'workload':44} {'median':>10} {'min':>10} {'max':>10}")
-    live = results["live_sync_seconds"]
-    print(f"{'live: write on A -> same bytes on B (ms)':44} {live['median'] * 1000:10.1f} "
-          f"{live['min'] * 1000:10.1f} {live['max'] * 1000:10.1f}   (n={live['n']})")
+            server.stop()
+        if "sync" not in skip:
+            results["syncd"]["sync"] = bench_sync_manifest(work, entries, args.rounds)
+        nginx = None if "nginx" in skip else start_nginx(work)
+        if nginx is not None:
+            try:
+                results["nginx"] = {
+                    "put": bench_large(nginx, big, args.rounds, multipart=False),
+                    "download": bench_download(nginx, size, args.rounds),
+                    "small": bench_small(nginx, work, args.rounds)}
+            finally:
+                nginx.stop()
+    print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
