@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
@@ -75,7 +76,8 @@ access_log = logging.getLogger("syncd.access")
 T = TypeVar("T")
 
 STATE_DIR = ".syncd"              # reserved folder inside sync_directory
-CHUNK_SIZE = 256 * 1024           # streaming unit for uploads
+CHUNK_SIZE = 1024 * 1024          # streaming unit for uploads and downloads
+READ_BUFFER = 1024 * 1024         # aiohttp's per-connection read buffer (its default: 64 KiB)
 JSON_BODY_LIMIT = 64 * 1024 * 1024  # a /sync manifest of 100,000 entries is ~15 MB
 MAX_PATH_BYTES = 4096
 MAX_SEGMENT_BYTES = 255
@@ -986,6 +988,13 @@ class FileStore:
         self.root = root
         self.state_dir = root / STATE_DIR
         self.tmp_dir = self.state_dir / "tmp"
+        # Our own pool for upload chunks, so that an aborted upload can wait for the
+        # chunk still being written before it closes the file.
+        self.writers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="syncd-write")
+
+    def close(self) -> None:
+        """Stop the writer threads."""
+        self.writers.shutdown(wait=True)
 
     def prepare(self) -> int:
         """Create the folders; remove temp files left by a crash; return how many."""
@@ -1001,19 +1010,27 @@ class FileStore:
 
     async def stage(self, chunks: AsyncIterator[bytes], max_size: int) -> StagedFile:
         """Stream chunks into a new temp file, hashing and counting; TooLarge past max_size."""
-        loop = asyncio.get_running_loop()
         name = f"upload-{uuid.uuid4().hex}"
         fd = os.open(self.tmp_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                      0o644)
         staged = StagedFile(name, fd)
         hasher = hashlib.sha256()
+        # One chunk is hashed and written in a worker thread while the event loop
+        # receives the next: network, hashing and the disk overlap.
+        writing: concurrent.futures.Future[None] | None = None
         try:
             async for chunk in chunks:
                 staged.size += len(chunk)
                 if staged.size > max_size:
                     raise TooLarge
-                await loop.run_in_executor(None, write_and_hash, fd, hasher, chunk)
+                if writing is not None:
+                    await asyncio.wrap_future(writing)
+                writing = self.writers.submit(write_and_hash, fd, hasher, chunk)
+            if writing is not None:
+                await asyncio.wrap_future(writing)
         except BaseException:
+            if writing is not None:
+                concurrent.futures.wait([writing])     # never close a file a thread writes to
             self.discard(staged)
             raise
         staged.checksum = hasher.hexdigest()
@@ -2587,6 +2604,7 @@ async def storage_context(app: web.Application) -> AsyncIterator[None]:
         if state.background:
             await asyncio.gather(*state.background, return_exceptions=True)
         await state.store.close()
+        state.files.close()
 
 
 async def close_websockets(app: web.Application) -> None:
@@ -2752,7 +2770,7 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
     # request has arrived, so it is also the deadline for slow request headers.
     runner = web.AppRunner(app, handle_signals=False, access_log_class=AccessLogger,
                            access_log=access_log, shutdown_timeout=config.shutdown_timeout,
-                           keepalive_timeout=config.header_timeout)
+                           keepalive_timeout=config.header_timeout, read_bufsize=READ_BUFFER)
     try:
         await runner.setup()
     except MassVanish as exc:
