@@ -78,6 +78,7 @@ T = TypeVar("T")
 STATE_DIR = ".syncd"              # reserved folder inside sync_directory
 CHUNK_SIZE = 1024 * 1024          # streaming unit for uploads and downloads
 READ_BUFFER = 1024 * 1024         # aiohttp's per-connection read buffer (its default: 64 KiB)
+INLINE_LIMIT = 64 * 1024          # downloads up to this size are read, not sendfile'd
 JSON_BODY_LIMIT = 64 * 1024 * 1024  # a /sync manifest of 100,000 entries is ~15 MB
 MAX_PATH_BYTES = 4096
 MAX_SEGMENT_BYTES = 255
@@ -652,47 +653,59 @@ class Transaction:
             " ORDER BY path", (lower, upper))
         return [file_record(row) for row in rows]
 
-    async def _first_live(self, where: str, params: Sequence[Any]) -> str | None:
-        rows = await self.db.execute_fetchall(
-            f"SELECT path FROM files WHERE deleted = 0 AND {where} LIMIT 1", params)
-        return rows[0][0] if rows else None
-
     async def find_blocker(self, path: str, allow_case_clash: bool) -> ApiError | None:
         """Why path cannot be written next to the live files, or None.
 
         A live file where one of its folders must go, or a live folder where it
         must go, makes a 409 conflict; a file or folder that differs from one
-        of its own only by letter case makes a 409 case_conflict.
+        of its own only by letter case makes a 409 case_conflict.  Every check
+        of every segment is one scalar subquery of a single statement.
         """
         segments = path.split("/")
+        queries: list[tuple[str, str, list[Any]]] = []
         for depth in range(1, len(segments) + 1):
             own = "/".join(segments[:depth])
             folded = fold_path(own)
-            is_leaf = depth == len(segments)
             lower, upper = folder_range(folded)
             own_lower, own_upper = folder_range(own)
-            if not is_leaf:
-                other = await self._first_live("fold = ?", (folded,))
-                if other == own:
-                    return path_blocked(path, f"{own} is a file, not a folder")
-            else:
-                other = await self._first_live("fold >= ? AND fold < ?", (lower, upper))
-                if other and other.startswith(own_lower):
-                    return path_blocked(path, f"{own} is a folder on the server")
+            if depth < len(segments):   # a folder on the way: no file may have its name
+                queries.append((f"other{depth}", "fold = ?", [folded]))
+                if not allow_case_clash:
+                    queries.append((f"twin{depth}", "fold >= ? AND fold < ? AND NOT"
+                                    " (path >= ? AND path < ?)",
+                                    [lower, upper, own_lower, own_upper]))
+            else:                       # the file itself: no folder may have its name
+                queries.append((f"other{depth}", "fold >= ? AND fold < ?", [lower, upper]))
+                if not allow_case_clash:
+                    queries.append((f"twin{depth}", "fold = ? AND path != ?", [folded, own]))
+        found = await self._first_live_each(queries)
+        for depth in range(1, len(segments) + 1):
+            own = "/".join(segments[:depth])
+            other, twin = found.get(f"other{depth}"), found.get(f"twin{depth}")
+            if depth < len(segments) and other == own:
+                return path_blocked(path, f"{own} is a file, not a folder")
+            if depth == len(segments) and other and other.startswith(own + "/"):
+                return path_blocked(path, f"{own} is a folder on the server")
             if allow_case_clash:
                 continue
-            if other:
-                other_part = "/".join(other.split("/")[:depth])
-                return case_conflict(own, other_part)
-            if is_leaf:
-                twin = await self._first_live("fold = ? AND path != ?", (folded, own))
-            else:
-                twin = await self._first_live(
-                    "fold >= ? AND fold < ? AND NOT (path >= ? AND path < ?)",
-                    (lower, upper, own_lower, own_upper))
-            if twin:
-                return case_conflict(own, "/".join(twin.split("/")[:depth]))
+            clash = other or twin
+            if clash:
+                return case_conflict(own, "/".join(clash.split("/")[:depth]))
         return None
+
+    async def _first_live_each(self, queries: Sequence[tuple[str, str, list[Any]]]) -> dict[str, str]:
+        """For each (key, condition, params): the first live path that meets it, if any."""
+        found: dict[str, str] = {}
+        for start in range(0, len(queries), 100):      # SQLite allows 500 terms a compound
+            batch = queries[start:start + 100]
+            sql = " UNION ALL ".join(
+                f"SELECT ?, (SELECT path FROM files WHERE deleted = 0 AND {condition} LIMIT 1)"
+                for _, condition, _ in batch)
+            params = [value for key, _, values in batch for value in (key, *values)]
+            for key, path in await self.db.execute_fetchall(sql, params):
+                if path is not None:
+                    found[key] = path
+        return found
 
     async def record_upsert(self, path: str, checksum: str, size: int, modified_time: float,
                             client_id: str, mtime_ns: int) -> FileRecord:
@@ -2077,9 +2090,16 @@ async def send_file(request: web.Request, handle: Any, record: FileRecord,
     use_range = if_range is None or if_range.strip() == f'"{record.checksum}"'
     span = parse_range(request.headers.get("Range"), size) if use_range else None
     offset, count = span if span is not None else (0, size)
-    response = web.StreamResponse(status=206 if span else 200, headers=headers)
+    status = 206 if span else 200
     if span:
-        response.headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
+        headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
+    if count <= INLINE_LIMIT and request.method != "HEAD":
+        # For a small file one read beats sendfile's set-up (it waits for the
+        # transport to drain first); the fd still pins the version we opened.
+        body = os.pread(handle.fileno(), count, offset)
+        metrics.bytes_sent += len(body)
+        return web.Response(status=status, body=body, headers=headers)
+    response = web.StreamResponse(status=status, headers=headers)
     response.content_length = count
     await response.prepare(request)
     if request.method == "HEAD" or count == 0:
