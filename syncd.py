@@ -40,6 +40,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -60,7 +61,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field, fields, replace
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 import aiosqlite
@@ -90,6 +91,7 @@ CHANGES_MAX_LIMIT = 10000
 MAX_MODIFIED_TIME = 1e11          # ~ year 5138; beyond that utime() overflows on some systems
 CLIENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 CHECKSUM_RE = re.compile(r"[0-9a-f]{64}")
+CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")   # Unicode category Cc, exactly
 
 # WebSocket close codes of our own (4000-4999 are for applications).
 WS_CLOSE_SILENT = 4000
@@ -465,17 +467,19 @@ def validate_path(raw: str) -> str:
         raise invalid_path("the path must be relative (it starts with /)")
     if "\\" in path:
         raise invalid_path("the path contains a backslash")
-    if any(unicodedata.category(char) == "Cc" for char in path):
+    if CONTROL_RE.search(path):
         raise invalid_path("the path contains a control character")
     if len(encoded) > MAX_PATH_BYTES:
         raise invalid_path(f"the path is longer than {MAX_PATH_BYTES} bytes")
-    segments = path.split("/")
-    for segment in segments:
-        if segment in ("", ".", ".."):
-            raise invalid_path("the path has an empty, '.' or '..' segment")
-        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
-            raise invalid_path(f"a name in the path is longer than {MAX_SEGMENT_BYTES} bytes")
-    if segments[0].casefold() == STATE_DIR:
+    # "" "." ".." segments, found by substring search rather than a loop over segments
+    framed = f"/{path}/"
+    if "//" in framed or "/./" in framed or "/../" in framed:
+        raise invalid_path("the path has an empty, '.' or '..' segment")
+    if len(encoded) > MAX_SEGMENT_BYTES and any(
+            len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES for segment in path.split("/")):
+        raise invalid_path(f"a name in the path is longer than {MAX_SEGMENT_BYTES} bytes")
+    first = path.partition("/")[0]
+    if len(first) == len(STATE_DIR) and first.casefold() == STATE_DIR:
         raise invalid_path(f"{STATE_DIR}/ is reserved for the server")
     return path
 
@@ -501,6 +505,8 @@ def validate_client_id(value: Any) -> str:
 
 def validate_checksum(value: Any, name: str, *, allow_empty: bool) -> str:
     """A lowercase hex SHA-256 ("" too where the absent file is meant)."""
+    if isinstance(value, str) and len(value) == 64 and not value.strip("0123456789abcdef"):
+        return value                    # the usual case: no copy, no regex
     if isinstance(value, str):
         checksum = value.strip().lower()
         if CHECKSUM_RE.fullmatch(checksum) or (allow_empty and checksum == ""):
@@ -525,9 +531,12 @@ def validate_modified_time(value: Any, name: str = "modified_time") -> float:
 # Metadata store (SQLite): the schema and every query
 # ===========================================================================
 
-@dataclass(frozen=True, slots=True)
-class FileRecord:
-    """A path's state on the server: a live file or, with deleted, its tombstone."""
+class FileRecord(NamedTuple):
+    """A path's state on the server: a live file or, with deleted, its tombstone.
+
+    A NamedTuple, not a frozen dataclass: /sync makes 100,000 of them, and a
+    frozen dataclass's __init__ sets each field through object.__setattr__.
+    """
 
     path: str
     checksum: str          # for a tombstone: the checksum the file had when deleted
@@ -622,7 +631,7 @@ CHANGE_COLUMNS = "seq, type, path, checksum, size, modified_time, client_id, tim
 
 def file_record(row: Sequence[Any]) -> FileRecord:
     """A FileRecord from a row of FILE_COLUMNS."""
-    return FileRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7], row[8])
+    return FileRecord._make(row)     # deleted stays SQLite's 0 or 1: only its truth is used
 
 
 def folder_range(prefix: str) -> tuple[str, str]:
@@ -766,6 +775,7 @@ class MetadataStore:
     def __init__(self, db_path: Path) -> None:
         self.db_path = db_path
         self.lock = asyncio.Lock()
+        self.finished_transactions = 0     # lets a download see that no write came between
         self._read_lock = asyncio.Lock()   # one multi-statement read transaction at a time
         self.cursor = 0
         self.epoch = ""
@@ -856,6 +866,8 @@ class MetadataStore:
                     except OSError:
                         log.exception("could not undo a file operation after a failed commit")
                 raise
+            finally:
+                self.finished_transactions += 1
             if tx.last_seq:
                 self.cursor = tx.last_seq
             for hook in tx.after_commit:
@@ -872,7 +884,7 @@ class MetadataStore:
         async with self.read_transaction() as db:
             rows = await db.execute_fetchall(f"SELECT {FILE_COLUMNS} FROM files")
             cursor = await self._read_cursor(db)
-        return {row[0]: file_record(row) for row in rows}, cursor
+        return {row[0]: FileRecord._make(row) for row in rows}, cursor
 
     async def list_live(self, prefix: str) -> tuple[list[FileRecord], int]:
         """Live files whose path starts with prefix, sorted, and the cursor."""
@@ -1004,6 +1016,7 @@ class FileStore:
         # Our own pool for upload chunks, so that an aborted upload can wait for the
         # chunk still being written before it closes the file.
         self.writers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="syncd-write")
+        self._names = itertools.count()      # temp names: tmp/ is emptied at every start
 
     def close(self) -> None:
         """Stop the writer threads."""
@@ -1023,7 +1036,7 @@ class FileStore:
 
     async def stage(self, chunks: AsyncIterator[bytes], max_size: int) -> StagedFile:
         """Stream chunks into a new temp file, hashing and counting; TooLarge past max_size."""
-        name = f"upload-{uuid.uuid4().hex}"
+        name = f"upload-{next(self._names)}"
         fd = os.open(self.tmp_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                      0o644)
         staged = StagedFile(name, fd)
@@ -1038,7 +1051,11 @@ class FileStore:
                     raise TooLarge
                 if writing is not None:
                     await asyncio.wrap_future(writing)
-                writing = self.writers.submit(write_and_hash, fd, hasher, chunk)
+                    writing = None
+                if len(chunk) <= INLINE_LIMIT and staged.size == len(chunk):
+                    write_and_hash(fd, hasher, chunk)   # a small file: a thread hop costs more
+                else:
+                    writing = self.writers.submit(write_and_hash, fd, hasher, chunk)
             if writing is not None:
                 await asyncio.wrap_future(writing)
         except BaseException:
@@ -1369,9 +1386,8 @@ async def recover(store: MetadataStore, files: FileStore, accept_deletions: bool
 # Sync planning: the pure function behind POST /sync
 # ===========================================================================
 
-@dataclass(frozen=True, slots=True)
-class ClientEntry:
-    """One file as a client lists it in POST /sync."""
+class ClientEntry(NamedTuple):
+    """One file as a client lists it in POST /sync (a NamedTuple: see FileRecord)."""
 
     path: str
     checksum: str
@@ -1759,9 +1775,12 @@ async def idle_limited(chunks: AsyncIterator[bytes], seconds: float) -> AsyncIte
     iterator = chunks.__aiter__()
     while True:
         try:
-            chunk = await within(iterator.__anext__(), seconds)
+            async with asyncio.timeout(seconds):   # cheaper than wait_for: no task per chunk
+                chunk = await iterator.__anext__()
         except StopAsyncIteration:
             return
+        except TimeoutError:
+            raise request_timeout(seconds) from None
         yield chunk
 
 
@@ -1826,30 +1845,35 @@ def parse_sync_entries(value: Any) -> list[ClientEntry]:
     entries: list[ClientEntry] = []
     seen: set[str] = set()
     for index, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise invalid_request(f"files[{index}] must be an object")
-        raw_path = item.get("path")
-        if not isinstance(raw_path, str):
-            raise invalid_request(f"files[{index}].path must be a string")
         try:
-            path = validate_path(raw_path)
-        except ApiError as exc:
-            raise invalid_path(f"files[{index}].path: {exc.message}") from None
-        if path in seen:
-            raise invalid_request(f"files[{index}].path {path} is listed twice")
-        seen.add(path)
-        base = item.get("base_checksum")
-        entries.append(ClientEntry(
-            path=path,
-            checksum=validate_checksum(item.get("checksum"), f"files[{index}].checksum",
-                                       allow_empty=False),
-            size=whole_number(item.get("size"), f"files[{index}].size"),
-            modified_time=validate_modified_time(item.get("modified_time"),
-                                                 f"files[{index}].modified_time"),
-            base_checksum=None if base is None else validate_checksum(
-                base, f"files[{index}].base_checksum", allow_empty=True),
-        ))
+            entry = parse_sync_entry(item)
+        except ApiError as exc:     # name the entry only when it is wrong (100,000 are right)
+            raise ApiError(exc.status, exc.code, f"files[{index}]{exc.message}") from None
+        if entry.path in seen:
+            raise invalid_request(f"files[{index}].path {entry.path} is listed twice")
+        seen.add(entry.path)
+        entries.append(entry)
     return entries
+
+
+def parse_sync_entry(item: Any) -> ClientEntry:
+    """One entry of a SyncRequest; error messages start with the field (".path: ...")."""
+    if not isinstance(item, dict):
+        raise invalid_request(" must be an object")
+    raw_path = item.get("path")
+    if not isinstance(raw_path, str):
+        raise invalid_request(".path must be a string")
+    try:
+        path = validate_path(raw_path)
+    except ApiError as exc:
+        raise invalid_path(f".path: {exc.message}") from None
+    base = item.get("base_checksum")
+    return ClientEntry(
+        path,
+        validate_checksum(item.get("checksum"), ".checksum", allow_empty=False),
+        whole_number(item.get("size"), ".size"),
+        validate_modified_time(item.get("modified_time"), ".modified_time"),
+        None if base is None else validate_checksum(base, ".base_checksum", allow_empty=True))
 
 
 def parse_etags(header: str | None) -> tuple[str, ...] | None:
@@ -2057,19 +2081,47 @@ def etag_matches(header: str | None, checksum: str) -> bool:
 async def open_for_download(state: State, path: str) -> tuple[Any, FileRecord]:
     """The open file and the record that describes exactly those bytes.
 
-    Under the commit lock no rename is between its rename and its COMMIT, so
-    the file we open is the one the record names; once open, a later upload
-    replaces the name, not our bytes.
+    Every rename into the tree happens inside a write transaction, under the
+    commit lock. If no transaction ran from before we opened the file to after
+    we read its record, the two belong together; otherwise we do both again
+    under the lock. Once open, a later upload replaces the name, not our bytes.
     """
-    async with state.store.lock:
+    store = state.store
+    before = store.finished_transactions
+    if not store.lock.locked():
+        handle, record = await open_with_record(state, path)
+        consistent = not store.lock.locked() and store.finished_transactions == before
+        if not consistent and handle is not None:
+            handle.close()
+    else:
+        consistent = False
+    if not consistent:
+        async with store.lock:
+            handle, record = await open_with_record(state, path)
+    if handle is None or record is None:
+        raise ApiError(404, "not_found", f"no file at {path}")
+    return handle, record
+
+
+async def open_with_record(state: State, path: str) -> tuple[Any, FileRecord | None]:
+    """Open path (or None) and read its live record (or None)."""
+    try:
+        handle = state.files.open_read(path)
+    except (FileNotFoundError, NotADirectoryError):
+        handle = None
+    try:
         record = await state.store.get(path)
-        if record is None or record.deleted:
-            raise ApiError(404, "not_found", f"no file at {path}")
-        try:
-            handle = state.files.open_read(path)
-        except (FileNotFoundError, NotADirectoryError):
-            log.warning("%s is in the database but not on disk", path)
-            raise ApiError(404, "not_found", f"no file at {path}") from None
+    except BaseException:
+        if handle is not None:
+            handle.close()
+        raise
+    if record is not None and record.deleted:
+        record = None
+    if record is not None and handle is None:
+        log.warning("%s is in the database but not on disk", path)
+    if record is None and handle is not None:
+        handle.close()
+        handle = None
     return handle, record
 
 
@@ -2199,7 +2251,7 @@ async def handle_sync(request: web.Request) -> web.Response:
     state = state_of(request)
     data = await read_json_object(request)
     client_id = note_client(request, validate_client_id(data.get("client_id")))
-    entries = parse_sync_entries(data.get("files"))
+    entries = parse_sync_entries(data.pop("files", None))   # the parsed list goes at once
     records, cursor = await state.store.snapshot()
     plan = plan_sync(entries, records)
     try:

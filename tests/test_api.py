@@ -577,3 +577,21 @@ async def test_internal_error_hides_details(client: Any, monkeypatch: pytest.Mon
     body = await error_of(response, 500)
     assert body == {"error": "internal", "message": "internal server error"}
     assert str(data_dir) not in json.dumps(body)
+
+
+async def test_download_racing_an_upload_never_pairs_old_bytes_with_new_metadata(
+        client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    await put(client, "race.txt", b"old bytes")
+    real_get = syncd.MetadataStore.get
+    raced = []
+
+    async def get_after_an_upload(self: Any, path: str) -> Any:
+        if not raced:                       # between the open and the read of the record
+            raced.append(True)
+            assert (await put(client, "race.txt", b"new bytes, longer")).status == 200
+        return await real_get(self, path)
+    monkeypatch.setattr(syncd.MetadataStore, "get", get_after_an_upload)
+    response = await client.get("/download/race.txt")
+    body = await response.read()
+    assert raced and response.headers["ETag"] == f'"{sha(body)}"'
+    assert response.headers["Content-Length"] == str(len(body))
