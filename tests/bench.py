@@ -440,24 +440,25 @@ def row(label: str, stats: dict[str, float], unit: str, nginx: dict[str, float] 
 
 def print_table(results: dict[str, Any]) -> None:
     s, n = results["syncd"], results.get("nginx") or {}
+    big, entries = results["large_file"], results["manifest_entries"]
     print(f"\nsyncd {results['version']} on {results['machine']}, {results['date']}")
     print(f"{'workload':46} {'median':>10} {'min':>10} {'max':>10} {'unit':8} "
           f"{'nginx':>10} {'ratio':>7}")
-    print(row("1 GiB PUT upload", s["put"]["mb_per_s"], "MB/s", n.get("put", {}).get("mb_per_s")))
-    print(row("1 GiB multipart upload (vs nginx PUT)", s["multipart"]["mb_per_s"], "MB/s",
+    print(row(f"{big} PUT upload", s["put"]["mb_per_s"], "MB/s", n.get("put", {}).get("mb_per_s")))
+    print(row(f"{big} multipart upload (vs nginx PUT)", s["multipart"]["mb_per_s"], "MB/s",
               n.get("put", {}).get("mb_per_s")))
     print(row("  peak RSS over idle during PUT", s["put"]["peak_rss_over_idle_mb"], "MB"))
     print(row("  peak RSS over idle during multipart", s["multipart"]["peak_rss_over_idle_mb"], "MB"))
-    print(row("1 GiB download", s["download"]["mb_per_s"], "MB/s",
+    print(row(f"{big} download", s["download"]["mb_per_s"], "MB/s",
               n.get("download", {}).get("mb_per_s")))
     print(row("4 KiB uploads, c=8, durable", s["small"]["upload_files_per_s"], "files/s",
               n.get("small", {}).get("upload_files_per_s")))
     print(row("4 KiB downloads, c=8", s["small"]["download_files_per_s"], "files/s",
               n.get("small", {}).get("download_files_per_s")))
     if "sync" in s:
-        print(row("/sync, 100,000 entries", s["sync"]["seconds"], "s"))
+        print(row(f"/sync, {entries:,} entries", s["sync"]["seconds"], "s"))
         print(row("  extra RSS during /sync", s["sync"]["extra_rss_mb"], "MB"))
-        print(f"{'  start over 100,000 files: first / restart':46} {s['sync']['first_start_s']:10.1f} "
+        print(f"{f'  start over {entries:,} files: first / restart':46} {s['sync']['first_start_s']:10.1f} "
               f"{s['sync']['restart_s']:10.1f} {'':10} s")
     if "fan_out" in s:
         clients = s["fan_out"]["clients"]
@@ -491,6 +492,7 @@ def main() -> int:
     fan_clients = 200 if args.quick else 1000
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "version": "", "syncd": {},
+        "large_file": "64 MiB" if args.quick else "1 GiB", "manifest_entries": entries,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
     sys.path.insert(0, str(ROOT))
     import syncd
