@@ -393,15 +393,16 @@ async def fan_out(server: Server, clients: int, rounds: int) -> dict[str, Any]:
 def bench_live(work: Path, url: str, rounds: int) -> dict[str, Any]:
     """Workload 8: seconds from a write in A to the same bytes in B (live clients)."""
     processes = []
-    for name in ("A", "B"):
-        (work / name).mkdir()
-        log = work / f"client-{name}.log"
-        processes.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "syncd.py"), "client", str(work / name), "--server", url,
-             "--client-id", f"bench-{name}"], stdout=open(log, "wb"), stderr=subprocess.STDOUT))
-        wait_for(lambda log=log: "live server=" in log.read_text(errors="replace"), 30,
-                 f"client {name}")
     try:
+        for name in ("A", "B"):       # inside the try: a client that fails to start is stopped too
+            (work / name).mkdir()
+            log = work / f"client-{name}.log"
+            processes.append(subprocess.Popen(
+                [sys.executable, str(ROOT / "syncd.py"), "client", str(work / name), "--server",
+                 url, "--client-id", f"bench-{name}"], stdout=open(log, "wb"),
+                stderr=subprocess.STDOUT))
+            wait_for(lambda log=log: "live server=" in log.read_text(errors="replace"), 30,
+                     f"client {name}")
         samples = []
         for index in range(rounds):
             data = os.urandom(4096)
