@@ -38,6 +38,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import fnmatch
 import hashlib
 import hmac
 import itertools
@@ -62,12 +63,14 @@ from dataclasses import dataclass, field, fields, replace
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import quote
 
 import aiohttp
 import aiosqlite
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
+from yarl import URL      # aiohttp's own URL type: lets the client send a path encoded once
 
 __version__ = "0.1.0"
 
@@ -1318,11 +1321,12 @@ def scan_tree(root: Path) -> tuple[dict[str, os.stat_result], list[str]]:
     return found, skipped
 
 
-def hash_on_disk(files: FileStore, path: str) -> tuple[str, os.stat_result] | None:
-    """The checksum of a file and the status it had while read; None if it kept changing."""
+def hash_steady(open_file: Callable[[], Any]) -> tuple[str, os.stat_result] | None:
+    """The checksum of a file and the status it had while read; None if it is gone or
+    kept changing (three tries). Shared by start-up recovery and the client's scans."""
     for _ in range(3):
         try:
-            with files.open_read(path) as handle:
+            with open_file() as handle:
                 before = os.fstat(handle.fileno())
                 hasher = hashlib.sha256()
                 while chunk := handle.read(CHUNK_SIZE):
@@ -1333,6 +1337,11 @@ def hash_on_disk(files: FileStore, path: str) -> tuple[str, os.stat_result] | No
         if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
             return hasher.hexdigest(), after
     return None
+
+
+def hash_on_disk(files: FileStore, path: str) -> tuple[str, os.stat_result] | None:
+    """hash_steady of a file in the tree, opened without following symlinks."""
+    return hash_steady(lambda: files.open_read(path))
 
 
 async def recover(store: MetadataStore, files: FileStore, accept_deletions: bool) -> RecoveryReport:
@@ -1765,8 +1774,9 @@ def request_timeout(seconds: float) -> ApiError:
 async def within(work: Awaitable[T], seconds: float) -> T:
     """work, or 408 if the client sends nothing for seconds."""
     try:
-        return await asyncio.wait_for(work, seconds)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(seconds):   # cheaper than wait_for: no task of its own
+            return await work
+    except TimeoutError:
         raise request_timeout(seconds) from None
 
 
@@ -1775,12 +1785,9 @@ async def idle_limited(chunks: AsyncIterator[bytes], seconds: float) -> AsyncIte
     iterator = chunks.__aiter__()
     while True:
         try:
-            async with asyncio.timeout(seconds):   # cheaper than wait_for: no task per chunk
-                chunk = await iterator.__anext__()
+            chunk = await within(iterator.__anext__(), seconds)
         except StopAsyncIteration:
             return
-        except TimeoutError:
-            raise request_timeout(seconds) from None
         yield chunk
 
 
@@ -3053,7 +3060,6 @@ class IgnoreRules:
 
     def ignored(self, path: str) -> bool:
         """Whether path (or a folder on its way) is not to be synced."""
-        import fnmatch
         parts = path.split("/")
         if parts[0] == CLIENT_STATE_DIR:
             return True
@@ -3072,20 +3078,11 @@ class IgnoreRules:
 
 
 def hash_local(path: Path) -> tuple[str, os.stat_result] | None:
-    """A local file's checksum with the status it had while read; None if gone or changing."""
-    for _ in range(3):
-        try:
-            with open(path, "rb") as handle:
-                before = os.fstat(handle.fileno())
-                hasher = hashlib.sha256()
-                while chunk := handle.read(CHUNK_SIZE):
-                    hasher.update(chunk)
-                after = os.fstat(handle.fileno())
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
-            return None
-        if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
-            return hasher.hexdigest(), after
-    return None
+    """hash_steady of a file in the client's folder; None too if it cannot be read."""
+    try:
+        return hash_steady(lambda: open(path, "rb"))
+    except (IsADirectoryError, PermissionError):
+        return None
 
 
 def local_file(folder: Path, path: str, base: LocalFile | None) -> LocalFile | None:
@@ -3157,13 +3154,13 @@ class SyncClient:
     """Keeps one folder in sync with one server, through the public API only."""
 
     def __init__(self, folder: Path, server: str, client_id: str, api_key: str | None,
-                 accept_deletions: bool = False) -> None:
+                 state: ClientState, accept_deletions: bool = False) -> None:
         self.folder = folder
         self.server = server.rstrip("/")
         self.client_id = client_id
         self.accept_deletions = accept_deletions
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.state = ClientState(folder)
+        self.state = state
         self.rules = IgnoreRules(folder)
         self.lock = asyncio.Lock()      # one operation on the folder at a time
         self.progress = sys.stdout.isatty()
@@ -3173,8 +3170,6 @@ class SyncClient:
 
     def url(self, route: str, path: str = "") -> Any:
         """A URL on the server; path is percent-encoded once."""
-        from urllib.parse import quote
-        from yarl import URL
         return URL(self.server + route + quote(path, safe="/"), encoded=True)
 
     async def call(self, method: str, route: str, path: str = "", **kwargs: Any) -> tuple[int, Any]:
@@ -3583,11 +3578,10 @@ async def run_client(args: argparse.Namespace, api_key: str | None) -> int:
     """Run the client as the flags say; the exit code."""
     folder = Path(args.folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    state_probe = ClientState(folder)
-    client_id = args.client_id or state_probe.get("client_id") or default_client_id()
-    state_probe.put("client_id", client_id)
-    state_probe.close()
-    client = SyncClient(folder, args.server, client_id, api_key, args.accept_deletions)
+    state = ClientState(folder)
+    client_id = args.client_id or state.get("client_id") or default_client_id()
+    state.put("client_id", client_id)
+    client = SyncClient(folder, args.server, client_id, api_key, state, args.accept_deletions)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
