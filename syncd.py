@@ -84,6 +84,7 @@ CHUNK_SIZE = 1024 * 1024          # streaming unit for uploads and downloads
 READ_BUFFER = 1024 * 1024         # aiohttp's per-connection read buffer (its default: 64 KiB)
 INLINE_LIMIT = 64 * 1024          # downloads up to this size are read, not sendfile'd
 JSON_BODY_LIMIT = 64 * 1024 * 1024  # a /sync manifest of 100,000 entries is ~15 MB
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_PATH_BYTES = 4096
 MAX_SEGMENT_BYTES = 255
 MAX_TEXT_FIELD = 8 * 1024         # a multipart text field (path, checksum, ...)
@@ -107,7 +108,8 @@ WS_CLOSE_POLICY = 1008          # a client sending faster than WS_MESSAGE_RATE
 WS_MESSAGE_RATE = 20.0          # messages a second a client may send, on average...
 WS_MESSAGE_BURST = 100.0        # ...with bursts of up to this many
 EXIT_CONFIG = 2                 # bad configuration: systemd must not restart us
-EXIT_MASS_VANISH = 3            # most known files are gone: an admin must look first          # seconds for a close handshake before we cut the connection
+EXIT_MASS_VANISH = 3            # most known files are gone: an admin must look first
+EXIT_STORAGE = 4                # the tree or its database cannot be opened at start-up
 
 
 # ===========================================================================
@@ -787,6 +789,8 @@ class MetadataStore:
 
     async def open(self) -> None:
         """Open (or create) the database, and load the epoch and the cursor."""
+        # Made 0600 before SQLite opens it: its -wal and -shm files take the same mode.
+        os.close(os.open(self.db_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (STYLE.md).
         self._writer = await aiosqlite.connect(self.db_path, isolation_level=None)
         try:
@@ -964,6 +968,10 @@ class FolderBlocked(Exception):
     """A file (or symlink) stands where the path needs a folder, or a folder where it needs a file."""
 
 
+class NotRegular(FileNotFoundError):
+    """Nothing that can be served is at the path: missing, a symlink, a FIFO, a socket, a device."""
+
+
 @dataclass
 class StagedFile:
     """An upload written to .syncd/tmp/, hashed, not yet in place."""
@@ -1026,13 +1034,25 @@ class FileStore:
         self.writers.shutdown(wait=True)
 
     def prepare(self) -> int:
-        """Create the folders; remove temp files left by a crash; return how many."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        """Create .syncd/ and tmp/, private to us (0700); empty tmp/ of what a crash left
+        there; return how many files that was."""
+        for folder in (self.state_dir, self.tmp_dir):
+            folder.mkdir(mode=0o700, exist_ok=True)
+            try:
+                os.chmod(folder, 0o700)      # made world-readable by an older syncd
+            except PermissionError:
+                log.warning("cannot make %s private (owned by another user?)", folder)
         removed = 0
         for leftover in self.tmp_dir.iterdir():
-            with contextlib.suppress(FileNotFoundError):
+            try:
+                if stat.S_ISDIR(leftover.lstat().st_mode):
+                    log.warning("%s/tmp/%s is a folder we did not make: left alone",
+                                STATE_DIR, leftover.name)
+                    continue
                 leftover.unlink()
                 removed += 1
+            except FileNotFoundError:
+                continue
         return removed
 
     # -- writing ---------------------------------------------------------------
@@ -1085,46 +1105,53 @@ class FileStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp_dir / staged.name)
 
-    def _walk(self, folders: Sequence[str], create: bool) -> tuple[list[int], list[int]]:
-        """Open each folder from the root with O_NOFOLLOW; return their fds and
-        the fds of folders in which we created one (they need an fsync)."""
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        fds = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
-        grown: list[int] = []
+    def _walk(self, folders: Sequence[str], create: bool) -> int:
+        """Open the folder at the end of folders, from the root, with O_NOFOLLOW.
+
+        At most two descriptors are open at a time, whatever the depth (a path
+        may have 2,048 levels), and a folder we create is fsynced at once, so
+        its entry is durable before anything is renamed into it.
+        """
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for name in folders:
-                try:
-                    fds.append(os.open(name, flags, dir_fd=fds[-1]))
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    os.mkdir(name, 0o755, dir_fd=fds[-1])
-                    grown.append(fds[-1])
-                    fds.append(os.open(name, flags, dir_fd=fds[-1]))
-                except (NotADirectoryError, OSError) as exc:
-                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                        raise FolderBlocked(name) from None
-                    raise
-        except BaseException:
-            for fd in fds:
+                child = self._open_folder(fd, name, create)
                 os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
             raise
-        return fds, grown
+        return fd
 
     @staticmethod
-    def _close_all(fds: Iterable[int]) -> None:
-        for fd in fds:
-            os.close(fd)
+    def _open_folder(parent: int, name: str, create: bool) -> int:
+        """The folder name in parent (made if create and missing); FolderBlocked if not a folder."""
+        try:
+            try:
+                return os.open(name, DIR_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                if not create:
+                    raise
+            try:
+                os.mkdir(name, 0o777, dir_fd=parent)     # the umask decides, as for files
+            except FileExistsError:
+                pass                                      # made meanwhile by another upload
+            else:
+                os.fsync(parent)
+            return os.open(name, DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise FolderBlocked(name) from None
+            raise
 
     def _tmp_fd(self) -> int:
         return os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def swap_in(self, staged: StagedFile, path: str) -> Swap:
-        """Rename a sealed temp file over path, keep the old one in tmp/, fsync the folders."""
+        """Rename a sealed temp file over path, keep the old one in tmp/, fsync the folder."""
         *folders, name = path.split("/")
-        fds, grown = self._walk(folders, create=True)
+        parent = self._walk(folders, create=True)
         tmp_fd = self._tmp_fd()
-        parent = fds[-1]
         backup = None
         try:
             try:
@@ -1145,23 +1172,24 @@ class FileStore:
                 raise
             swap = Swap(path, backup)
             try:
-                for fd in {parent, *grown}:
-                    os.fsync(fd)
+                os.fsync(parent)
             except BaseException:
                 self._undo_swap_in(swap, parent, tmp_fd)
                 raise
         finally:
-            self._close_all([*fds, tmp_fd])
+            os.close(parent)
+            os.close(tmp_fd)
         return swap
 
     def undo_swap(self, swap: Swap) -> None:
         """Put back what swap_in replaced (or remove the new file)."""
-        fds, _ = self._walk(swap.path.split("/")[:-1], create=False)
+        parent = self._walk(swap.path.split("/")[:-1], create=False)
         tmp_fd = self._tmp_fd()
         try:
-            self._undo_swap_in(swap, fds[-1], tmp_fd)
+            self._undo_swap_in(swap, parent, tmp_fd)
         finally:
-            self._close_all([*fds, tmp_fd])
+            os.close(parent)
+            os.close(tmp_fd)
 
     @staticmethod
     def _undo_swap_in(swap: Swap, parent: int, tmp_fd: int) -> None:
@@ -1182,71 +1210,87 @@ class FileStore:
         """Move path out of the tree into tmp/ (None if it was not on disk)."""
         *folders, name = path.split("/")
         try:
-            fds, _ = self._walk(folders, create=False)
+            parent = self._walk(folders, create=False)
         except (FileNotFoundError, FolderBlocked):
             return None
         tmp_fd = self._tmp_fd()
         parked = f"del-{uuid.uuid4().hex}"
         try:
             try:
-                os.rename(name, parked, src_dir_fd=fds[-1], dst_dir_fd=tmp_fd)
+                os.rename(name, parked, src_dir_fd=parent, dst_dir_fd=tmp_fd)
             except FileNotFoundError:
                 return None
-            os.fsync(fds[-1])
+            os.fsync(parent)
         finally:
-            self._close_all([*fds, tmp_fd])
+            os.close(parent)
+            os.close(tmp_fd)
         return Removal(path, parked)
 
     def undo_remove(self, removal: Removal) -> None:
         """Put a removed file back where it was."""
         *folders, name = removal.path.split("/")
-        fds, _ = self._walk(folders, create=True)
+        parent = self._walk(folders, create=True)
         tmp_fd = self._tmp_fd()
         try:
-            os.rename(removal.parked, name, src_dir_fd=tmp_fd, dst_dir_fd=fds[-1])
-            os.fsync(fds[-1])
+            os.rename(removal.parked, name, src_dir_fd=tmp_fd, dst_dir_fd=parent)
+            os.fsync(parent)
         finally:
-            self._close_all([*fds, tmp_fd])
+            os.close(parent)
+            os.close(tmp_fd)
 
     def finish_remove(self, removal: Removal) -> None:
         """Delete the parked file for good, and folders the removal left empty."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp_dir / removal.parked)
-        *folders, _ = removal.path.split("/")
+        folders = removal.path.split("/")[:-1]
+        if not folders:
+            return
         try:
-            fds, _ = self._walk(folders, create=False)
+            fd = self._walk(folders[:-1], create=False)
         except (FileNotFoundError, FolderBlocked):
             return
         try:
+            # Upwards through "..": one descriptor at a time, however deep the path.
             for depth in range(len(folders), 0, -1):
                 try:
-                    os.rmdir(folders[depth - 1], dir_fd=fds[depth - 1])
+                    os.rmdir(folders[depth - 1], dir_fd=fd)
                 except OSError:
                     break   # not empty (or gone): the folders above are not empty either
+                if depth == 1:
+                    break
+                parent = os.open("..", DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = parent
         finally:
-            self._close_all(fds)
+            os.close(fd)
 
     # -- reading ---------------------------------------------------------------
 
     def open_read(self, path: str) -> Any:
-        """A binary file object for path; FileNotFoundError unless it is a regular file."""
+        """A binary file object for path; NotRegular unless it is a regular file.
+
+        O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+        writer (and a device file may do anything); the type is checked on
+        the open descriptor, so nothing can be swapped in between.
+        """
         *folders, name = path.split("/")
         try:
-            fds, _ = self._walk(folders, create=False)
-        except FolderBlocked:
-            raise FileNotFoundError(path) from None
+            parent = self._walk(folders, create=False)
+        except (FileNotFoundError, FolderBlocked):
+            raise NotRegular(path) from None
         try:
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fds[-1])
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise FileNotFoundError(path) from None
-                raise
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.ENOTDIR):
+                raise NotRegular(path) from None     # gone, a symlink, a socket
+            raise
         finally:
-            self._close_all(fds)
+            os.close(parent)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise FileNotFoundError(path)
+            raise NotRegular(path)
+        os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
 
     def usable(self) -> bool:
@@ -1281,13 +1325,14 @@ class RecoveryReport:
     modified: int = 0
     touched: int = 0
     vanished: int = 0
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)      # not servable: kept as they are
+    unreadable: list[str] = field(default_factory=list)   # not readable: not taken as gone
 
     def summary(self) -> str:
         """One log line."""
         return (f"{self.unchanged} unchanged, {self.added} added, {self.modified} modified, "
                 f"{self.touched} touched, {self.vanished} gone (tombstoned), "
-                f"{len(self.skipped)} skipped")
+                f"{len(self.skipped)} skipped, {len(self.unreadable)} unreadable")
 
 
 def is_mass_vanish(missing: int, known: int) -> bool:
@@ -1295,30 +1340,144 @@ def is_mass_vanish(missing: int, known: int) -> bool:
     return missing >= 2 and 2 * missing > known
 
 
-def scan_tree(root: Path) -> tuple[dict[str, os.stat_result], list[str]]:
-    """Every regular file under root but .syncd/, by path (symlinks are not followed),
-    and the names that cannot be served (not a valid path, not NFC, not a regular file)."""
-    found: dict[str, os.stat_result] = {}
-    skipped: list[str] = []
-    for folder, subfolders, names in os.walk(root):
-        relative = os.path.relpath(folder, root)
-        if relative == ".":
-            subfolders[:] = [name for name in subfolders if name != STATE_DIR]
-        for name in names:
-            path = name if relative == "." else f"{relative}/{name}"
+@dataclass
+class TreeScan:
+    """What a walk of the tree found."""
+
+    found: dict[str, os.stat_result] = field(default_factory=dict)   # regular files, by path
+    skipped: list[str] = field(default_factory=list)     # names that cannot be served
+    unreadable: set[str] = field(default_factory=set)    # files and folders we could not look at
+
+    def hides(self, path: str) -> bool:
+        """Whether path is, or is under, something we could not look at (so not known gone)."""
+        dark = self.unreadable
+        if not dark:
+            return False
+        if "" in dark or path in dark:         # "": the root itself could not be listed
+            return True
+        index = path.find("/")
+        while index != -1:
+            if path[:index] in dark:
+                return True
+            index = path.find("/", index + 1)
+        return False
+
+
+@dataclass
+class Folder:
+    """One folder on the walk's stack: its descriptor (None once closed) and the
+    subfolders still to visit."""
+
+    path: str
+    fd: int | None
+    subfolders: list[str] = field(default_factory=list)
+
+
+WALK_OPEN_FOLDERS = 64     # descriptors the walk keeps open along its path
+
+
+def scan_tree(root: Path) -> TreeScan:
+    """Every regular file under root but .syncd/, by path, without following symlinks.
+
+    Iterative, and with descriptors (openat) rather than path names, so that a
+    tree 2,048 levels deep or longer than PATH_MAX is walked like any other.
+    Only the last WALK_OPEN_FOLDERS folders of the path stay open; one deeper
+    than that is opened again from its nearest open ancestor when the walk
+    comes back to it.  What cannot be read is reported, never taken as gone.
+    """
+    scan = TreeScan()
+    stack = [Folder("", os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))]
+    try:
+        list_folder(stack[0], scan)
+        while stack:
+            top = stack[-1]
+            if not top.subfolders:
+                if top.fd is not None:
+                    os.close(top.fd)
+                stack.pop()
+                continue
+            name = top.subfolders.pop()
+            if top.fd is None and not reopen_folder(stack, scan):
+                continue
+            assert top.fd is not None
+            child = Folder(f"{top.path}/{name}" if top.path else name, None)
             try:
-                status = os.lstat(os.path.join(folder, name))
+                child.fd = os.open(name, DIR_FLAGS, dir_fd=top.fd)
             except FileNotFoundError:
+                continue                      # removed while we walk
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):   # else: replaced meanwhile
+                    scan.unreadable.add(child.path)
                 continue
-            try:
-                valid = validate_path(path)
-            except ApiError:
-                valid = ""
-            if valid != path or not stat.S_ISREG(status.st_mode):
-                skipped.append(path)
-                continue
-            found[path] = status
-    return found, skipped
+            stack.append(child)
+            list_folder(child, scan)
+            if len(stack) > WALK_OPEN_FOLDERS + 1:
+                far = stack[-WALK_OPEN_FOLDERS - 1]
+                if far.fd is not None and far is not stack[0]:
+                    os.close(far.fd)
+                    far.fd = None
+    finally:
+        for folder in stack:
+            if folder.fd is not None:
+                os.close(folder.fd)
+    return scan
+
+
+def list_folder(folder: Folder, scan: TreeScan) -> None:
+    """Sort one folder's entries into files, subfolders, skipped and unreadable names."""
+    assert folder.fd is not None
+    prefix = folder.path + "/" if folder.path else ""
+    try:
+        with os.scandir(folder.fd) as entries:
+            names = [entry.name for entry in entries]
+    except OSError:
+        scan.unreadable.add(folder.path)
+        return
+    for name in names:
+        path = prefix + name
+        if not folder.path and name == STATE_DIR:
+            continue
+        try:
+            status = os.stat(name, dir_fd=folder.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError:                        # a folder we may list but not enter (r--)
+            scan.unreadable.add(path)
+            continue
+        if stat.S_ISDIR(status.st_mode):
+            folder.subfolders.append(name)
+        elif not stat.S_ISREG(status.st_mode) or not is_servable_name(path):
+            scan.skipped.append(path)          # symlinks, FIFOs, sockets, devices, bad names
+        else:
+            scan.found[path] = status
+
+
+def is_servable_name(path: str) -> bool:
+    """Whether a name found on disk is a valid client path, exactly as stored."""
+    try:
+        return validate_path(path) == path
+    except ApiError:
+        return False
+
+
+def reopen_folder(stack: list[Folder], scan: TreeScan) -> bool:
+    """Open the top folder again from its nearest open ancestor; False if it is gone."""
+    index = max(i for i, folder in enumerate(stack) if folder.fd is not None)
+    for depth in range(index + 1, len(stack)):
+        parent, folder = stack[depth - 1], stack[depth]
+        assert parent.fd is not None
+        try:
+            folder.fd = os.open(folder.path.rsplit("/", 1)[-1], DIR_FLAGS, dir_fd=parent.fd)
+        except OSError:
+            scan.unreadable.add(folder.path)   # moved or changed meanwhile: not known gone
+            for rest in stack[depth:]:
+                rest.subfolders.clear()
+            return False
+    for folder in stack[1:len(stack) - WALK_OPEN_FOLDERS]:
+        if folder.fd is not None:
+            os.close(folder.fd)
+            folder.fd = None
+    return True
 
 
 def hash_steady(open_file: Callable[[], Any]) -> tuple[str, os.stat_result] | None:
@@ -1344,50 +1503,89 @@ def hash_on_disk(files: FileStore, path: str) -> tuple[str, os.stat_result] | No
     return hash_steady(lambda: files.open_read(path))
 
 
-async def recover(store: MetadataStore, files: FileStore, accept_deletions: bool) -> RecoveryReport:
-    """Journal what changed in the tree while we were not running, as client "server".
+@dataclass
+class Recovery:
+    """The part of start-up recovery that must happen before serving, and what is left:
+    files whose size or mtime changed, to hash in the background."""
 
-    A file whose size and mtime match its record is taken as unchanged, unread,
-    so a restart over 100,000 files stays quick.  Files gone from disk get
-    tombstones, unless most are gone (MassVanish) and accept_deletions is off.
+    report: RecoveryReport
+    suspects: list[tuple[str, FileRecord | None]]     # path, and its record (or tombstone) then
+
+
+async def recover(store: MetadataStore, files: FileStore, accept_deletions: bool) -> Recovery:
+    """Tombstone what vanished from the tree while we were not running; list what to rehash.
+
+    Only a stat of each file, so it is quick even over 100,000 files: a file
+    whose size and mtime match its record is taken as unchanged, unread.
+    Files gone from disk get tombstones (as client "server"), unless most are
+    gone (MassVanish) and accept_deletions is off.  Whatever could not be
+    looked at (an unreadable folder, a FIFO where a file was) is not gone.
     """
     report = RecoveryReport()
-    on_disk, report.skipped = await asyncio.to_thread(scan_tree, files.root)
+    scan = await asyncio.to_thread(scan_tree, files.root)
+    report.skipped, report.unreadable = scan.skipped, sorted(scan.unreadable)
     records, _ = await store.snapshot()
     live = {path: record for path, record in records.items() if not record.deleted}
-    missing = [record for path, record in live.items() if path not in on_disk]
+    present = set(scan.skipped)
+    missing = [record for path, record in live.items()
+               if path not in scan.found and path not in present and not scan.hides(path)]
     if is_mass_vanish(len(missing), len(live)) and not accept_deletions:
         raise MassVanish(len(missing), len(live), files.root)
-    suspects = sorted(path for path, status in on_disk.items()
-                      if path not in live or (live[path].size, live[path].mtime_ns)
-                      != (status.st_size, status.st_mtime_ns))
-    report.unchanged = len(on_disk) - len(suspects)
-    for start in range(0, len(suspects), RECOVERY_BATCH):
-        batch = suspects[start:start + RECOVERY_BATCH]
-        hashed = await asyncio.to_thread(
-            lambda paths: [hash_on_disk(files, path) for path in paths], batch)
-        async with store.transaction() as tx:
-            for path, result in zip(batch, hashed, strict=True):
-                if result is None:
-                    report.skipped.append(path)
-                    continue
-                checksum, status = result
-                old = live.get(path)
-                if old is not None and old.checksum == checksum:
-                    await tx.record_mtime(path, status.st_mtime_ns)
-                    report.touched += 1
-                    continue
-                await tx.record_upsert(path, checksum, status.st_size, status.st_mtime,
-                                       SERVER_CLIENT_ID, status.st_mtime_ns)
-                if old is None:
-                    report.added += 1
-                else:
-                    report.modified += 1
+    suspects = [(path, records.get(path)) for path, status in sorted(scan.found.items())
+                if path not in live or (live[path].size, live[path].mtime_ns)
+                != (status.st_size, status.st_mtime_ns)]
+    report.unchanged = len(scan.found) - len(suspects)
     if missing:
         async with store.transaction() as tx:
             for record in missing:
                 await tx.record_delete(record, SERVER_CLIENT_ID)
         report.vanished = len(missing)
+    return Recovery(report, suspects)
+
+
+def hash_for_recovery(files: FileStore, path: str) -> tuple[str, os.stat_result] | None | OSError:
+    """hash_on_disk, with a file that cannot be read returned as its error."""
+    try:
+        return hash_on_disk(files, path)
+    except OSError as exc:
+        return exc
+
+
+async def rehash_suspects(store: MetadataStore, files: FileStore, recovery: Recovery,
+                          announce: Callable[[FileRecord], None]) -> RecoveryReport:
+    """Hash the files that changed behind our back and journal them, while we serve.
+
+    A 20 GB file must not keep the server from listening, so this runs after
+    start.  A client may write one of these paths meanwhile: a record that is
+    no longer the one we scanned is left alone, since the client's is newer.
+    """
+    report = recovery.report
+    for start in range(0, len(recovery.suspects), RECOVERY_BATCH):
+        batch = recovery.suspects[start:start + RECOVERY_BATCH]
+        hashed = await asyncio.to_thread(
+            lambda items: [hash_for_recovery(files, path) for path, _ in items], batch)
+        async with store.transaction() as tx:
+            for (path, old), result in zip(batch, hashed, strict=True):
+                if isinstance(result, OSError):
+                    report.unreadable.append(path)
+                    continue
+                if result is None:
+                    report.skipped.append(path)
+                    continue
+                if await tx.get(path) != old:
+                    continue                       # written by a client since the scan
+                checksum, status = result
+                if old is not None and not old.deleted and old.checksum == checksum:
+                    await tx.record_mtime(path, status.st_mtime_ns)
+                    report.touched += 1
+                    continue
+                record = await tx.record_upsert(path, checksum, status.st_size, status.st_mtime,
+                                                SERVER_CLIENT_ID, status.st_mtime_ns)
+                tx.after_commit.append(lambda record=record: announce(record))
+                if old is None or old.deleted:
+                    report.added += 1
+                else:
+                    report.modified += 1
     return report
 
 
@@ -1755,6 +1953,7 @@ class State:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
     accept_deletions: bool = False
+    recovery: asyncio.Task[None] | None = None    # the background half of start-up recovery
 
 
 STATE = web.AppKey("state", State)
@@ -2089,8 +2288,8 @@ async def open_for_download(state: State, path: str) -> tuple[Any, FileRecord]:
     """The open file and the record that describes exactly those bytes.
 
     Every rename into the tree happens inside a write transaction, under the
-    commit lock. If no transaction ran from before we opened the file to after
-    we read its record, the two belong together; otherwise we do both again
+    commit lock. If no transaction ran from before we read the record to after
+    we opened the file, the two belong together; otherwise we do both again
     under the lock. Once open, a later upload replaces the name, not our bytes.
     """
     store = state.store
@@ -2111,24 +2310,20 @@ async def open_for_download(state: State, path: str) -> tuple[Any, FileRecord]:
 
 
 async def open_with_record(state: State, path: str) -> tuple[Any, FileRecord | None]:
-    """Open path (or None) and read its live record (or None)."""
+    """The path's live record (or None) and, only if there is one, the file opened (or None).
+
+    The record comes first, so a name with no record (a FIFO an admin left in
+    the tree, say) is never opened; the open runs in a worker thread, since a
+    disk can block.
+    """
+    record = await state.store.get(path)
+    if record is None or record.deleted:
+        return None, None
     try:
-        handle = state.files.open_read(path)
-    except (FileNotFoundError, NotADirectoryError):
-        handle = None
-    try:
-        record = await state.store.get(path)
-    except BaseException:
-        if handle is not None:
-            handle.close()
-        raise
-    if record is not None and record.deleted:
-        record = None
-    if record is not None and handle is None:
-        log.warning("%s is in the database but not on disk", path)
-    if record is None and handle is not None:
-        handle.close()
-        handle = None
+        handle = await asyncio.to_thread(state.files.open_read, path)
+    except NotRegular:
+        log.warning("%s is in the database but not a regular file on disk", path)
+        return None, record
     return handle, record
 
 
@@ -2655,7 +2850,7 @@ class AccessLogger(AbstractAccessLogger):
 # ===========================================================================
 
 async def storage_context(app: web.Application) -> AsyncIterator[None]:
-    """Open the tree and the database, recover, serve; close them after."""
+    """Open the tree and the database, recover, serve (rehashing in the background); close."""
     state = app[STATE]
     root = Path(state.config.sync_directory)
     if not root.exists():
@@ -2664,26 +2859,48 @@ async def storage_context(app: web.Application) -> AsyncIterator[None]:
     removed = state.files.prepare()
     await state.store.open()
     try:
-        report = await recover(state.store, state.files, state.accept_deletions)
-        log.info("recovery: %s; %d temp file(s) removed", report.summary(), removed)
-        if report.skipped:
-            log.warning("%d file(s) in the tree cannot be served (not a valid NFC path, not a "
-                        "regular file, or changing): %s%s", len(report.skipped),
-                        ", ".join(report.skipped[:5]), ", ..." if len(report.skipped) > 5 else "")
+        recovery = await recover(state.store, state.files, state.accept_deletions)
     except BaseException:
         await state.store.close()
         raise
     state.hub.start()
+    state.recovery = asyncio.get_running_loop().create_task(
+        finish_recovery(state, recovery, removed))
     log.info("serving %s (epoch %s, cursor %d)", root.resolve(), state.store.epoch,
              state.store.cursor)
     try:
         yield
     finally:
+        state.recovery.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await state.recovery
         await state.hub.close_all()
         if state.background:
             await asyncio.gather(*state.background, return_exceptions=True)
         await state.store.close()
         state.files.close()
+
+
+async def finish_recovery(state: State, recovery: Recovery, removed: int) -> None:
+    """Rehash what changed behind our back, announce it, and log what recovery found."""
+    if recovery.suspects:
+        log.info("recovery: hashing %d new or changed file(s) in the background",
+                 len(recovery.suspects))
+    try:
+        report = await rehash_suspects(
+            state.store, state.files, recovery,
+            lambda record: state.hub.publish(file_changed_event(record)))
+    except (OSError, sqlite3.Error) as exc:
+        log.error("recovery stopped: %s; the files not yet hashed are served as recorded", exc)
+        return
+    log.info("recovery: %s; %d temp file(s) removed", report.summary(), removed)
+    for kind, paths, why in (
+            ("cannot be served", report.skipped,
+             "not a valid NFC path, not a regular file, or changing"),
+            ("cannot be read", report.unreadable, "permissions? they are not taken as deleted")):
+        if paths:
+            log.warning("%d path(s) in the tree %s (%s): %s%s", len(paths), kind, why,
+                        ", ".join(paths[:5]), ", ..." if len(paths) > 5 else "")
 
 
 async def close_websockets(app: web.Application) -> None:
@@ -2840,7 +3057,8 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
                      accept_deletions: bool = False) -> int:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads.
 
-    0 on a clean stop, 1 if we cannot listen, EXIT_MASS_VANISH if recovery refused.
+    0 on a clean stop, 1 if we cannot listen, EXIT_MASS_VANISH if recovery refused,
+    EXIT_STORAGE if the tree or the database cannot be opened.
     """
     notifier = Notifier(environ)
     app = make_app(config, accept_deletions)
@@ -2856,6 +3074,10 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
         log.error("%s", exc)
         await runner.cleanup()
         return EXIT_MASS_VANISH
+    except (OSError, sqlite3.Error) as exc:
+        log.error("cannot start: the sync directory or its database is unusable: %s", exc)
+        await runner.cleanup()
+        return EXIT_STORAGE
     tasks: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
 

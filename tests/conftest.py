@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,6 +86,14 @@ async def error_of(response: Any, status: int) -> dict[str, Any]:
     return body
 
 
+async def recovered(client: Any) -> Any:
+    """The client, once the app's background rehash of changed files is done."""
+    task = client.server.app[syncd.STATE].recovery
+    if task is not None:
+        await task
+    return client
+
+
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
     """Poll check every 50 ms until it holds; fail after timeout seconds."""
     deadline = time.monotonic() + timeout
@@ -98,6 +111,19 @@ def tmp_files(data_dir: Path) -> list[str]:
 
 # -- a real daemon ---------------------------------------------------------------
 
+def http_request(port: int, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None,
+                 timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+    """One request to 127.0.0.1:port: status, headers, body."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
@@ -105,21 +131,61 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Root reads a chmod 000 file; tests of what a tree may hold run the daemon as nobody,
+# with the system's Python 3.11 and this venv's packages (the venv's own interpreter
+# may sit in /root, which nobody cannot enter).
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3"]
+NOBODY_ENV = {"PYTHONPATH": sysconfig.get_paths()["purelib"]}
+
+
+def nobody_can_run() -> str | None:
+    """Why the daemon cannot run as nobody here, or None when it can."""
+    if os.geteuid() != 0:
+        return "the tests do not run as root"
+    try:
+        result = subprocess.run([*NOBODY, "-c", "import aiohttp, aiosqlite; open(%r).close()"
+                                 % str(ROOT / "syncd.py")], env={**os.environ, **NOBODY_ENV},
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"setpriv or /usr/bin/python3 is missing: {exc}"
+    return None if result.returncode == 0 else f"nobody cannot run syncd: {result.stderr[-300:]}"
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A folder nobody owns, outside pytest's root-only tmp_path (skip where nobody cannot
+    run the daemon)."""
+    reason = nobody_can_run()
+    if reason:
+        pytest.skip(reason)
+    base = Path(tempfile.mkdtemp(prefix="syncd-nobody-"))
+    os.chmod(base, 0o755)
+    pw = pwd.getpwnam("nobody")
+    os.chown(base, pw.pw_uid, pw.pw_gid)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 class Daemon:
-    """syncd.py running as a subprocess on a loopback port."""
+    """syncd.py running as a subprocess on a loopback port (as nobody if asked)."""
 
     def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, as_nobody: bool = False,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"daemon-{self.port}.log"
         self.data = tmp_path / "data"
-        command = [sys.executable, str(ROOT / "syncd.py"), "--port", str(self.port),
+        python = NOBODY if as_nobody else [sys.executable]
+        command = [*python, str(ROOT / "syncd.py"), "--port", str(self.port),
                    "--sync-directory", str(self.data), *args]
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             command, cwd=tmp_path, stdout=self.log_file, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})})
+            env={**os.environ, **(NOBODY_ENV if as_nobody else {}), **(env or {})},
+            preexec_fn=preexec_fn)
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         """Wait until /health answers."""
@@ -154,8 +220,11 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start real daemons; each is stopped (SIGTERM, then SIGKILL) at the end."""
     started: list[Daemon] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, port: int | None = None) -> Daemon:
-        instance = Daemon(tmp_path, *args, env=env, port=port)
+    def start(*args: str, env: dict[str, str] | None = None, port: int | None = None,
+              base: Path | None = None, as_nobody: bool = False,
+              preexec_fn: Callable[[], None] | None = None) -> Daemon:
+        instance = Daemon(base or tmp_path, *args, env=env, port=port, as_nobody=as_nobody,
+                          preexec_fn=preexec_fn)
         started.append(instance)
         instance.wait_ready()
         return instance

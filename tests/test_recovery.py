@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 
 import syncd
-from conftest import ROOT, free_port, make_config, put, sha, tmp_files
+from conftest import ROOT, free_port, make_config, put, recovered, sha, tmp_files
 
 
 async def restart(app_client: Any, current: Any, **overrides: Any) -> Any:
     await current.close()
-    return await app_client(**overrides)
+    return await recovered(await app_client(**overrides))
 
 
 async def changes(client: Any) -> list[dict[str, Any]]:
