@@ -80,6 +80,8 @@ access_log = logging.getLogger("syncd.access")
 T = TypeVar("T")
 
 STATE_DIR = ".syncd"              # reserved folder inside sync_directory
+CLIENT_STATE_DIR = ".syncd-client"  # the reference client's state, in the synced folder
+RESERVED_NAMES = (STATE_DIR, CLIENT_STATE_DIR)   # no client path may name them
 CHUNK_SIZE = 1024 * 1024          # streaming unit for uploads and downloads
 READ_BUFFER = 1024 * 1024         # aiohttp's per-connection read buffer (its default: 64 KiB)
 INLINE_LIMIT = 64 * 1024          # downloads up to this size are read, not sendfile'd
@@ -484,8 +486,8 @@ def validate_path(raw: str) -> str:
             len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES for segment in path.split("/")):
         raise invalid_path(f"a name in the path is longer than {MAX_SEGMENT_BYTES} bytes")
     first = path.partition("/")[0]
-    if len(first) == len(STATE_DIR) and first.casefold() == STATE_DIR:
-        raise invalid_path(f"{STATE_DIR}/ is reserved for the server")
+    if first.casefold() in RESERVED_NAMES:
+        raise invalid_path(f"{first}/ is reserved (the server's and its clients' own state)")
     return path
 
 
@@ -3121,7 +3123,6 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
 
 client_log = logging.getLogger("syncd.client")
 
-CLIENT_STATE_DIR = ".syncd-client"     # in the synced folder; never synced
 IGNORE_FILE = ".syncignore"
 CLIENT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -3144,6 +3145,17 @@ class ClientError(Exception):
 
 class FolderVanished(ClientError):
     """Most tracked files are gone from the folder: refuse to push their deletion."""
+
+
+def server_path(raw: Any) -> str:
+    """A path the server sent, checked with the server's own rules (a hostile or broken
+    server, or anyone on a plain-HTTP path, must not make us write outside the folder)."""
+    try:
+        if isinstance(raw, str) and validate_path(raw) == raw:
+            return raw
+    except ApiError:
+        pass
+    raise ClientError(f"invalid path from the server, refused: {raw!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -3177,7 +3189,7 @@ class RemoteChange:
         """From a /changes entry or a file_changed / file_deleted event."""
         kind = data.get("type")
         kind = "upsert" if kind in ("upsert", "file_changed") else "delete"
-        return cls(int(data["seq"]), kind, str(data["path"]), str(data.get("checksum", "")),
+        return cls(int(data["seq"]), kind, server_path(data["path"]), str(data.get("checksum", "")),
                    float(data.get("modified_time", 0.0)), str(data.get("client_id", "")))
 
 
@@ -3410,17 +3422,13 @@ class SyncClient:
         """Scan, push local deletions, /sync, and carry out the plan."""
         report = PassReport()
         async with self.lock:
+            self.rules = IgnoreRules(self.folder)   # .syncignore may have changed since
             await self.check_server()       # a reset server: bases are forgotten, nothing deleted
             bases = self.state.bases()
             local, skipped = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
             for path in skipped:
                 client_log.warning("skip path=%s reason=not-a-valid-path", path)
-            missing = [path for path in bases if path not in local]
-            if is_mass_vanish(len(missing), len(bases)) and not self.accept_deletions:
-                raise FolderVanished(
-                    f"{len(missing)} of the {len(bases)} tracked files are missing from "
-                    f"{self.folder} (an unmounted folder?): not pushing their deletion. If they "
-                    "were deleted on purpose, run once with --accept-deletions.")
+            missing = self.vanished(bases, local)
             for path in missing:
                 await self.push_delete(bases[path], report)
             await self.call("POST", "/register", json={
@@ -3434,17 +3442,49 @@ class SyncClient:
                 "client_id": self.client_id, "files": entries})
             if status != 200:
                 raise ClientError(f"/sync answered {status}: {plan}")
-            for path in plan["upload"]:
-                await self.push_file(path, local[path], report)
-            for entry in plan["download"]:
-                await self.pull(entry["path"], entry["modified_time"], report,
-                                scanned=local.get(entry["path"]))
-            for entry in plan["delete"]:
-                self.delete_here(entry["path"], local.get(entry["path"]), report)
-            for conflict in plan["conflicts"]:
-                await self.resolve_conflict(conflict["path"], report)
+            for path in self.planned(plan, "upload", report):
+                if path in local:
+                    await self.push_file(path, local[path], report)
+            for path, entry in self.planned(plan, "download", report):
+                await self.pull(path, entry["modified_time"], report, scanned=local.get(path))
+            for path, _ in self.planned(plan, "delete", report):
+                self.delete_here(path, local.get(path), report)
+            for path, _ in self.planned(plan, "conflicts", report):
+                await self.resolve_conflict(path, report)
             self.state.cursor = max(self.state.cursor, int(plan["cursor"]))
         return report
+
+    def vanished(self, bases: Mapping[str, LocalFile], local: Mapping[str, LocalFile]) -> list[str]:
+        """Tracked paths gone from the folder; FolderVanished when most are (and no
+        --accept-deletions). A tracked path that is now ignored is not gone: it is
+        simply no longer synced, so its base is forgotten and nothing is deleted."""
+        for path in [path for path in bases if self.rules.ignored(path)]:
+            self.state.drop_base(path)
+        tracked = [path for path in bases if not self.rules.ignored(path)]
+        missing = [path for path in tracked if path not in local]
+        if is_mass_vanish(len(missing), len(tracked)) and not self.accept_deletions:
+            raise FolderVanished(
+                f"{len(missing)} of the {len(tracked)} tracked files are missing from "
+                f"{self.folder} (an unmounted folder?): not pushing their deletion. If they "
+                "were deleted on purpose, run once with --accept-deletions.")
+        return missing
+
+    def planned(self, plan: Mapping[str, Any], key: str, report: PassReport) -> list[Any]:
+        """The entries of one list of a /sync plan whose path is valid and not ignored
+        (upload: paths; the others: (path, entry)). A path that is not valid is refused
+        loudly: it counts as a failure of the pass."""
+        accepted: list[Any] = []
+        for item in plan.get(key, []):
+            raw = item if key == "upload" else item.get("path") if isinstance(item, dict) else item
+            try:
+                path = server_path(raw)
+            except ClientError as exc:
+                client_log.error("%s", exc)
+                report.failed.append(f"{raw!r} (invalid path from the server)")
+                continue
+            if not self.rules.ignored(path):
+                accepted.append(path if key == "upload" else (path, item))
+        return accepted
 
     async def check_server(self) -> bool:
         """Compare the server's epoch and cursor with ours; True (and history forgotten)
@@ -3648,8 +3688,11 @@ class SyncClient:
     async def push_paths(self, paths: Iterable[str], report: PassReport) -> None:
         """Push local changes of these paths (from the watcher); a folder stands for
         everything under it (a renamed folder is reported as the folder alone)."""
+        wanted = set(paths)
         async with self.lock:
-            for path in sorted(set(paths)):
+            if IGNORE_FILE in wanted:
+                self.rules = IgnoreRules(self.folder)
+            for path in sorted(wanted):
                 if self.rules.ignored(path):
                     continue
                 target = self.folder / path
@@ -3660,7 +3703,8 @@ class SyncClient:
                 else:
                     await self.push_one(path, report)
                 for child, child_base in self.state.bases().items():
-                    if child.startswith(path + "/") and not (self.folder / child).exists():
+                    if (child.startswith(path + "/") and not self.rules.ignored(child)
+                            and not (self.folder / child).exists()):
                         await self.push_delete(child_base, report)
 
     async def push_one(self, path: str, report: PassReport) -> None:
@@ -3684,19 +3728,27 @@ class SyncClient:
             if status != 200:
                 raise ClientError(f"/changes answered {status}")
             for entry in page["changes"]:
-                await self.apply_remote(RemoteChange.from_json(entry), report)
+                change = self.remote_change(entry, report)
+                if change is not None:
+                    await self.apply_remote(change, report)
             if not page["has_more"]:
                 break
         bases = self.state.bases()
         local, _ = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
         changed = [path for path, f in local.items()
                    if path not in bases or bases[path].checksum != f.checksum]
-        missing = [path for path in bases if path not in local]
-        if is_mass_vanish(len(missing), len(bases)) and not self.accept_deletions:
-            raise FolderVanished(f"{len(missing)} of the {len(bases)} tracked files are missing "
-                                 f"from {self.folder}: not pushing their deletion")
-        await self.push_paths(changed + missing, report)
+        await self.push_paths(changed + self.vanished(bases, local), report)
         return report
+
+    @staticmethod
+    def remote_change(entry: Mapping[str, Any], report: PassReport) -> RemoteChange | None:
+        """A change from /changes or the WebSocket; None (refused loudly) when its path is bad."""
+        try:
+            return RemoteChange.from_json(entry)
+        except ClientError as exc:
+            client_log.error("%s", exc)
+            report.failed.append(f"{entry.get('path')!r} (invalid path from the server)")
+            return None
 
     async def listen(self, ws: Any) -> None:
         """Apply events from the WebSocket until it closes."""
@@ -3706,7 +3758,9 @@ class SyncClient:
                 continue
             event = json.loads(message.data)
             if event.get("type") in ("file_changed", "file_deleted"):
-                await self.apply_remote(RemoteChange.from_json(event), report)
+                change = self.remote_change(event, report)
+                if change is not None:
+                    await self.apply_remote(change, report)
                 if report.failed:
                     client_log.warning("failed: %s", ", ".join(report.failed))
                     report.failed.clear()

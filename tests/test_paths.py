@@ -17,6 +17,7 @@ from conftest import error_of, put, upload
     "", "/etc/passwd", "a\\b", "a\x00b", "a\x1fb", "a\x7fb", "a\u0085b", "a//b", "a/",
     "./a", "a/./b", "..", "../x", "a/../../x", "x" * 256, "d/" * 2048 + "x",
     ".syncd", ".syncd/syncd.db", ".SyncD/tmp/x", "\udcff",
+    ".syncd-client", ".syncd-client/state.db", ".SYNCD-Client/tmp/x",
 ])
 def test_validate_path_rejects(raw: str) -> None:
     with pytest.raises(syncd.ApiError) as info:
@@ -71,6 +72,14 @@ async def test_path_attacks_are_refused_on_every_route(client: Any, data_dir: Pa
         if response.method != "HEAD":
             body = await response.json()
             assert body["error"] in ("invalid_path", "not_found")
+    assert sorted(os.listdir(data_dir)) == [".syncd"]
+
+
+async def test_client_state_database_cannot_be_replaced(client: Any, data_dir: Path) -> None:
+    body = await error_of(await put(client, ".syncd-client/state.db", b"garbage"), 400)
+    assert body["error"] == "invalid_path" and ".syncd-client" in body["message"]
+    body = await error_of(await upload(client, ".syncd-client/state.db", b"garbage"), 400)
+    assert body["error"] == "invalid_path"
     assert sorted(os.listdir(data_dir)) == [".syncd"]
 
 

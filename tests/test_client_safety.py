@@ -1,0 +1,167 @@
+"""The reference client against an unlucky user and a hostile server: nothing outside its
+folder is ever touched, and a file the user stops syncing is not deleted anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+import syncd
+from conftest import ROOT, free_port, sha
+from test_client import Clients, clients, tree, write  # noqa: F401 (clients: a fixture)
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def test_a_newly_ignored_file_is_not_deleted_anywhere(clients: Clients) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    write(a, "build.log", b"log")
+    write(a, "notes/old.log", b"old")
+    write(a, "keep.txt", b"k")
+    clients.once("A")
+    clients.once("B")
+    assert tree(b)["build.log"] == b"log"
+    write(a, ".syncignore", b"*.log\n")
+    output = clients.once("A")
+    assert "delete-remote" not in output
+    clients.once("B")
+    assert tree(b)["build.log"] == b"log" and tree(b)["notes/old.log"] == b"old"
+    assert (a / "build.log").read_bytes() == b"log"
+    # no longer synced: a later edit on A stays on A
+    write(a, "build.log", b"new log")
+    clients.once("A")
+    clients.once("B")
+    assert tree(b)["build.log"] == b"log"
+
+
+def test_an_ignored_file_removed_here_is_not_deleted_there(clients: Clients) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    write(a, "build.log", b"log")
+    write(a, "keep.txt", b"k")
+    clients.once("A")
+    clients.once("B")
+    write(a, ".syncignore", b"*.log\n")
+    (a / "build.log").unlink()                 # removed here, after it stopped being synced
+    clients.once("A")
+    clients.once("B")
+    assert tree(b)["build.log"] == b"log"
+
+
+class HostileServer:
+    """A server that answers /sync (and /changes) with paths outside the client's folder."""
+
+    def __init__(self, plan: dict[str, Any]) -> None:
+        self.plan = plan
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        epoch = {"epoch": "e" * 32, "cursor": 5}
+
+        def answer(body: Any, **headers: str) -> Any:
+            async def handler(request: web.Request) -> web.StreamResponse:
+                if isinstance(body, bytes):
+                    return web.Response(body=body, headers=headers)
+                return web.json_response(body)
+            return handler
+        app.router.add_get("/health", answer({"status": "ok", **epoch}))
+        app.router.add_post("/register", answer({"success": True, "message": "hi", "cursor": 5}))
+        app.router.add_post("/sync", answer({**self.plan, **epoch}))
+        app.router.add_get("/download/{path:.*}", answer(b"pwned", ETag=f'"{sha(b"pwned")}"'))
+        app.router.add_get("/files", answer({"files": [], "cursor": 5}))
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+def empty_plan(**parts: Any) -> dict[str, Any]:
+    return {"upload": [], "download": [], "delete": [], "conflicts": [], **parts}
+
+
+def download_entry(path: str) -> dict[str, Any]:
+    return {"path": path, "checksum": sha(b"pwned"), "size": 5, "modified_time": 1.0,
+            "revision": 3}
+
+
+async def run_once(folder: Path, url: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(ROOT / "syncd.py"), "client", str(folder), "--server", url,
+               "--client-id", "victim", "--once"]
+    return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True,
+                                   timeout=60)
+
+
+@pytest.mark.parametrize("bad", ["../outside/pwned.txt", "/tmp/syncd-absolute-pwned",
+                                 "ok/../../outside/pwned.txt", ".syncd-client/state.db"],
+                         ids=["dotdot", "absolute", "nested-dotdot", "client-state"])
+async def test_client_refuses_a_download_outside_its_folder(tmp_path: Path, bad: str) -> None:
+    folder = tmp_path / "mine"
+    (tmp_path / "outside").mkdir()
+    server = HostileServer(empty_plan(download=[download_entry(bad),
+                                                download_entry("fine.txt")]))
+    await server.start()
+    try:
+        result = await run_once(folder, server.url)
+    finally:
+        await server.stop()
+    assert result.returncode == syncd.EXIT_CLIENT_FAILED
+    assert "invalid path from the server" in result.stderr
+    assert list((tmp_path / "outside").iterdir()) == []
+    assert not Path("/tmp/syncd-absolute-pwned").exists()
+    assert (folder / "fine.txt").read_bytes() == b"pwned"     # the good entries still apply
+    if bad.startswith(".syncd-client"):
+        assert (folder / ".syncd-client" / "state.db").read_bytes()[:15] == b"SQLite format 3"
+
+
+async def test_client_refuses_a_delete_outside_its_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    (tmp_path / "outside").mkdir()
+    canary = tmp_path / "outside" / "canary"
+    canary.write_bytes(b"pwned")              # the checksum the server says it had
+    server = HostileServer(empty_plan(delete=[{"path": "../outside/canary", "revision": 4}]))
+    await server.start()
+    try:
+        result = await run_once(folder, server.url)
+    finally:
+        await server.stop()
+    assert result.returncode == syncd.EXIT_CLIENT_FAILED
+    assert "invalid path from the server" in result.stderr
+    assert canary.read_bytes() == b"pwned"
+
+
+async def test_client_refuses_bad_paths_in_upload_and_conflict_lists(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    server = HostileServer(empty_plan(
+        upload=["../../etc/passwd"],
+        conflicts=[{"path": "../outside/x", "reason": "both_modified", "client": {},
+                    "server": None}]))
+    await server.start()
+    try:
+        result = await run_once(folder, server.url)
+    finally:
+        await server.stop()
+    assert result.returncode == syncd.EXIT_CLIENT_FAILED
+    assert result.stderr.count("invalid path from the server") == 2
+    assert not (tmp_path / "outside").exists()
+
+
+def test_remote_change_with_a_bad_path_is_refused(tmp_path: Path) -> None:
+    for bad in ("../x", "/abs", "a//b", ".syncd-client/state.db"):
+        with pytest.raises(syncd.ClientError, match="invalid path from the server"):
+            syncd.RemoteChange.from_json({"type": "upsert", "seq": 1, "path": bad,
+                                          "checksum": sha(b"x")})
+    change = syncd.RemoteChange.from_json({"type": "file_deleted", "seq": 2, "path": "ok/a"})
+    assert (change.type, change.path) == ("delete", "ok/a")
