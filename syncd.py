@@ -41,6 +41,7 @@ import errno
 import fnmatch
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -143,6 +144,8 @@ class Config:
     max_websocket_clients: int = 10000
     upload_idle_timeout: float = 60.0
     header_timeout: float = 60.0
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
 
 
 # Settings a SIGHUP cannot change: they need a restart.
@@ -251,6 +254,48 @@ def parse_extensions(value: Any) -> tuple[str, ...]:
     return tuple(extensions)
 
 
+def parse_list(value: Any, example: str) -> list[Any]:
+    """A TOML list, or comma-separated text (from SYNCD_* or a flag)."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, list):
+        return value
+    raise ValueError(f"expected a list like {example}")
+
+
+def normal_origin(text: str) -> str | None:
+    """scheme://host:port, lower-case with the port made explicit; None if text is not an
+    origin (a browser's Origin header, or an entry of allowed_origins)."""
+    match = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[^\s/:@\[\]]+)(?::([0-9]{1,5}))?/?",
+                         text.strip())
+    if not match:
+        return None
+    scheme, host, port = match.group(1).lower(), match.group(2).lower(), match.group(3)
+    number = int(port) if port else (443 if scheme == "https" else 80)
+    return f"{scheme}://{host}:{number}" if 0 < number < 65536 else None
+
+
+def parse_origins(value: Any) -> tuple[str, ...]:
+    """Origins like ["https://sync.example.com"], stored normalized."""
+    origins = []
+    for item in parse_list(value, '["https://sync.example.com"]'):
+        origin = normal_origin(item) if isinstance(item, str) else None
+        if origin is None:
+            raise ValueError(f'expected origins like "https://sync.example.com:8443", got {item!r}')
+        origins.append(origin)
+    return tuple(origins)
+
+
+def parse_hosts(value: Any) -> tuple[str, ...]:
+    """Host names like ["sync.example.com"] (no port), stored lower-case."""
+    hosts = []
+    for item in parse_list(value, '["sync.example.com"]'):
+        if not isinstance(item, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", item):
+            raise ValueError(f'expected host names like "sync.example.com", got {item!r}')
+        hosts.append(item.lower().rstrip("."))
+    return tuple(hosts)
+
+
 def parse_log_level(value: Any) -> str:
     """One of debug, info, warning, error, critical."""
     if isinstance(value, str) and value.strip().lower() in LOG_LEVELS:
@@ -276,6 +321,8 @@ SETTING_PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_websocket_clients": parse_positive_whole,
     "upload_idle_timeout": parse_seconds,
     "header_timeout": parse_seconds,
+    "allowed_origins": parse_origins,
+    "allowed_hosts": parse_hosts,
 }
 assert set(SETTING_PARSERS) == {f.name for f in fields(Config)}
 
@@ -2339,6 +2386,9 @@ async def send_file(request: web.Request, handle: Any, record: FileRecord,
         "X-Revision": str(record.revision),
         "Accept-Ranges": "bytes",
         "Content-Type": mimetypes.guess_type(record.path)[0] or "application/octet-stream",
+        # A synced x.html or x.svg must never run script in the API's origin.
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "sandbox",
     }
     if etag_matches(request.headers.get("If-None-Match"), record.checksum):
         return web.Response(status=304, headers=headers)
@@ -2765,7 +2815,7 @@ def storage_error(exc: BaseException) -> ApiError | None:
     return None
 
 
-HTTP_ERROR_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found",
+HTTP_ERROR_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                     405: "method_not_allowed", 413: "too_large"}
 
 
@@ -2802,6 +2852,58 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
             return error_response(answer)
         log.exception("error while handling %s %s", request.method, request.path)
         return error_response(ApiError(500, "internal", "internal server error"))
+
+
+def forbidden(message: str) -> ApiError:
+    """403 forbidden."""
+    return ApiError(403, "forbidden", message)
+
+
+def host_name(host: str) -> str:
+    """A Host header's name: no port, no IPv6 brackets, lower-case, no trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("[") and "]" in host:
+        return host[1:host.index("]")]
+    return host.rsplit(":", 1)[0].rstrip(".")
+
+
+def is_local_host(name: str) -> bool:
+    """Whether a host name is an IP address or localhost (what DNS rebinding cannot fake)."""
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def check_browser_request(request: web.Request, config: Config) -> None:
+    """403 for what a web page in the user's browser could send us (SPEC Part 2, "Browsers").
+
+    An Origin header that is neither ours nor allowed is another site's page
+    (a cross-site form, fetch or WebSocket); without an API key, a Host that
+    is no IP address, not localhost and not allowed is a DNS-rebinding page.
+    """
+    origin = request.headers.get("Origin")
+    host = request.headers.get("Host")
+    if origin is not None and not (request.method == "GET" and request.path == "/health"):
+        own = normal_origin(f"{request.scheme}://{host}") if host else None
+        theirs = normal_origin(origin)
+        if theirs is None or (theirs != own and theirs not in config.allowed_origins):
+            raise forbidden("requests from another site's page are refused "
+                            "(allowed_origins lists the ones to accept)")
+    name = host_name(host) if host is not None else "localhost"
+    if config.api_key is None and not is_local_host(name) and name not in config.allowed_hosts:
+        raise forbidden("unknown Host: without api_key only IP addresses, localhost and "
+                        "allowed_hosts are served")
+
+
+@web.middleware
+async def browser_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Refuse cross-site and DNS-rebinding requests before anything else looks at them."""
+    check_browser_request(request, state_of(request).config)
+    return await handler(request)
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -2921,7 +3023,7 @@ def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
         accept_deletions=accept_deletions,
     )
     app = web.Application(middlewares=[in_flight_middleware, metrics_middleware,
-                                       error_middleware, auth_middleware],
+                                       error_middleware, browser_middleware, auth_middleware],
                           client_max_size=JSON_BODY_LIMIT)
     app[STATE] = state
     app.cleanup_ctx.append(storage_context)

@@ -53,7 +53,7 @@ def test_kill_9_mid_upload_never_tears_a_file(daemon: Any) -> None:
     for round_ in range(10):
         new = os.urandom(size)
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(b"PUT /files/big.bin HTTP/1.1\r\nHost: x\r\nX-Client-Id: a\r\n"
+            sock.sendall(b"PUT /files/big.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Client-Id: a\r\n"
                          b"Content-Length: %d\r\n\r\n" % size)
             # half the rounds die mid-body, half after the last byte (fsync, rename, commit)
             cut = rng.randrange(size) if round_ % 2 == 0 else size
@@ -132,7 +132,7 @@ def test_real_full_disk_is_507_then_works_again(tmp_path: Path) -> None:
 def test_slow_headers_are_cut_off_while_others_are_served(daemon: Any) -> None:
     server = daemon("--header-timeout", "1")
     with socket.create_connection(("127.0.0.1", server.port)) as slow:
-        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         slow.settimeout(0.2)
         started = time.monotonic()
         closed = False

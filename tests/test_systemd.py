@@ -161,7 +161,7 @@ async def test_sigterm_finishes_an_upload_and_closes_websockets_1001(daemon: Any
         async with session.ws_connect(f"{server.url}/ws/desk") as ws:
             assert (await ws.receive_json(timeout=5))["type"] == "hello"
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(b"PUT /files/inflight.bin HTTP/1.1\r\nHost: x\r\nX-Client-Id: up\r\n"
+            writer.write(b"PUT /files/inflight.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Client-Id: up\r\n"
                          b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
             writer.write(body[:500_000])
             await writer.drain()
@@ -242,7 +242,7 @@ def test_unit_security_rating_is_ok_or_better() -> None:
 def test_unit_has_what_a_sysadmin_relies_on() -> None:
     text = UNIT.read_text()
     for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
-                 "RestartPreventExitStatus=2 3", "DynamicUser=yes", "StateDirectory=syncd",
+                 "RestartPreventExitStatus=2 3 4", "DynamicUser=yes", "StateDirectory=syncd",
                  "ConfigurationDirectory=syncd", "LoadCredential=api_key:/etc/syncd/api_key",
                  "Environment=SYNCD_API_KEY_FILE=%d/api_key"):
         assert line in text.splitlines(), line
