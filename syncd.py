@@ -106,6 +106,7 @@ WS_CLOSE_REPLACED = 4001
 WS_CLOSE_OVERFLOW = 4002
 WS_CLOSE_GOING_AWAY = 1001
 STATUS_INTERVAL = 10.0          # seconds between STATUS= updates to systemd
+HEALTH_CHECK_INTERVAL = 1.0     # /health asks the database at most this often
 WS_CLOSE_TIMEOUT = 2.0
 WS_CLOSE_POLICY = 1008          # a client sending faster than WS_MESSAGE_RATE
 WS_MESSAGE_RATE = 20.0          # messages a second a client may send, on average...
@@ -701,12 +702,24 @@ class Transaction:
         self.undo: list[Callable[[], None]] = []
         self.after_commit: list[Callable[[], None]] = []
         self.last_seq = 0
+        self.live_files = 0      # what this transaction adds to the live totals, once committed
+        self.live_bytes = 0
+        self._seen: dict[str, FileRecord | None] = {}
 
     async def get(self, path: str) -> FileRecord | None:
         """The path's record (live or tombstone), as this transaction sees it."""
         rows = await self.db.execute_fetchall(
             f"SELECT {FILE_COLUMNS} FROM files WHERE path = ?", (path,))
-        return file_record(rows[0]) if rows else None
+        record = self._seen[path] = file_record(rows[0]) if rows else None
+        return record
+
+    def _count(self, before: FileRecord | None, after: FileRecord | None) -> None:
+        """Note how a change of one path moves the live totals."""
+        for record, sign in ((before, -1), (after, 1)):
+            if record is not None and not record.deleted:
+                self.live_files += sign
+                self.live_bytes += sign * record.size
+        self._seen[(after or before).path] = after      # type: ignore[union-attr]
 
     async def live_under(self, folder: str) -> list[FileRecord]:
         """Every live file below folder/."""
@@ -773,6 +786,7 @@ class Transaction:
     async def record_upsert(self, path: str, checksum: str, size: int, modified_time: float,
                             client_id: str, mtime_ns: int) -> FileRecord:
         """Journal a new version of path and make it the live file."""
+        before = self._seen[path] if path in self._seen else await self.get(path)
         now = time.time()
         cursor = await self.db.execute(
             "INSERT INTO changes (type, path, checksum, size, modified_time, client_id, time)"
@@ -785,8 +799,10 @@ class Transaction:
             " revision, deleted, time, client_id, mtime_ns) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
             (path, fold_path(path), checksum, size, modified_time, seq, now, client_id, mtime_ns))
         self.last_seq = seq
-        return FileRecord(path, checksum, size, modified_time, seq, False, now, client_id,
-                          mtime_ns)
+        record = FileRecord(path, checksum, size, modified_time, seq, False, now, client_id,
+                            mtime_ns)
+        self._count(before, record)
+        return record
 
     async def record_mtime(self, path: str, mtime_ns: int) -> None:
         """Note a new mtime for unchanged bytes (touched behind our back): no change to journal."""
@@ -804,8 +820,10 @@ class Transaction:
             "UPDATE files SET revision = ?, deleted = 1, time = ?, client_id = ? WHERE path = ?",
             (seq, now, client_id, live.path))
         self.last_seq = seq
-        return FileRecord(live.path, live.checksum, live.size, live.modified_time,
+        tomb = FileRecord(live.path, live.checksum, live.size, live.modified_time,
                           seq, True, now, client_id)
+        self._count(live, tomb)
+        return tomb
 
 
 def path_blocked(path: str, why: str) -> ApiError:
@@ -833,6 +851,9 @@ class MetadataStore:
         self._read_lock = asyncio.Lock()   # one multi-statement read transaction at a time
         self.cursor = 0
         self.epoch = ""
+        self.live_files = 0        # kept in memory: /health and /metrics must not COUNT(*)
+        self.live_bytes = 0
+        self._checked = -math.inf  # when check() last reached the database
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
 
@@ -858,6 +879,9 @@ class MetadataStore:
                 "SELECT value FROM meta WHERE key = 'epoch'")
             self.epoch = rows[0][0]
             self.cursor = await self._read_cursor(self._reader)
+            rows = await self._reader.execute_fetchall(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE deleted = 0")
+            self.live_files, self.live_bytes = int(rows[0][0]), int(rows[0][1])
         except BaseException:
             await self.close()
             raise
@@ -926,6 +950,8 @@ class MetadataStore:
                 self.finished_transactions += 1
             if tx.last_seq:
                 self.cursor = tx.last_seq
+            self.live_files += tx.live_files
+            self.live_bytes += tx.live_bytes
             for hook in tx.after_commit:
                 hook()
 
@@ -951,16 +977,6 @@ class MetadataStore:
                 (prefix, len(prefix), prefix))
             cursor = await self._read_cursor(db)
         return [file_record(row) for row in rows], cursor
-
-    async def count_live(self) -> int:
-        """How many live files there are."""
-        return (await self.live_totals())[0]
-
-    async def live_totals(self) -> tuple[int, int]:
-        """How many live files there are, and their bytes."""
-        rows = await self.reader.execute_fetchall(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE deleted = 0")
-        return int(rows[0][0]), int(rows[0][1])
 
     async def changes_since(self, since: int, limit: int) -> tuple[list[Change], int, bool]:
         """Journal entries with seq > since (at most limit), the cursor, and whether more wait."""
@@ -1001,8 +1017,12 @@ class MetadataStore:
         return [ClientRecord(*row) for row in rows]
 
     async def check(self) -> None:
-        """Raise if the database cannot answer a query."""
+        """Raise if the database cannot answer a query (asked at most once a second, so
+        that a flood of /health calls cannot keep the reader busy)."""
+        if time.monotonic() - self._checked < HEALTH_CHECK_INTERVAL:
+            return
         await self.reader.execute_fetchall("SELECT 1 FROM meta LIMIT 1")
+        self._checked = time.monotonic()
 
 
 # ===========================================================================
@@ -2461,7 +2481,7 @@ async def handle_health(request: web.Request) -> web.Response:
     }
     try:
         await state.store.check()
-        body["files"] = await state.store.count_live()
+        body["files"] = state.store.live_files
     except Exception as exc:
         log.error("health: the database is unusable: %s", exc)
         body.update(status="error", files=0, message="the database is unusable")
@@ -2739,7 +2759,7 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
 async def handle_metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
     state = state_of(request)
-    files, stored = await state.store.live_totals()
+    files, stored = state.store.live_files, state.store.live_bytes
     text = state.metrics.render([
         ("syncd_websocket_clients", "WebSocket clients connected now.", len(state.hub.connections)),
         ("syncd_files", "Live files stored.", files),
@@ -3093,7 +3113,7 @@ def monotonic_usec() -> int:
 
 async def status_line(state: State) -> str:
     """STATUS= for systemctl status."""
-    files = await state.store.count_live()
+    files = state.store.live_files
     return f"STATUS=serving {files} files, {len(state.hub.connections)} clients connected"
 
 

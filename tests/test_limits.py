@@ -1,0 +1,72 @@
+"""What one client (or many) can make the server spend: connections, /sync memory,
+/health, and how long a big delete holds others up."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import syncd
+from conftest import put
+
+
+def db_totals(data_dir: Path) -> tuple[int, int]:
+    with sqlite3.connect(data_dir / ".syncd" / "syncd.db") as db:
+        return db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files"
+                          " WHERE deleted = 0").fetchone()
+
+
+async def test_health_keeps_its_counters_in_memory(client: Any) -> None:
+    await put(client, "a", b"a")
+    store = client.server.app[syncd.STATE].store
+    statements: list[str] = []
+    await store.reader.set_trace_callback(statements.append)
+    try:
+        for _ in range(50):
+            response = await client.get("/health")
+            assert (await response.json())["files"] == 1
+        await client.get("/metrics")
+    finally:
+        await store.reader.set_trace_callback(None)
+    assert not any("COUNT" in statement.upper() for statement in statements), statements
+    assert len(statements) <= 3              # the liveness query, at most once a second
+
+
+async def test_live_counters_follow_every_kind_of_change(app_client: Any, data_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    client = await app_client()
+    await put(client, "a", b"aaaa")
+    await put(client, "a", b"aa")                      # overwrite: one file, fewer bytes
+    await put(client, "a", b"aa")                      # the same bytes again
+    for index in range(5):
+        await put(client, f"dir/{index}", b"x" * index)
+    await client.delete("/files/dir/1", params={"client_id": "x"})
+    await put(client, "dir/1", b"back")                # re-created after its tombstone
+    await client.delete("/files/dir", params={"client_id": "x"})
+    await put(client, "b", b"bbb")
+    real = syncd.Transaction.record_upsert
+
+    async def failing(*args: Any) -> Any:              # the row is written, the commit fails
+        await real(*args)
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(syncd.Transaction, "record_upsert", failing)
+    assert (await put(client, "c", b"never")).status == 503
+    monkeypatch.undo()
+
+    async def reported() -> tuple[int, int]:
+        health = await (await client.get("/health")).json()
+        metrics = await (await client.get("/metrics")).text()
+        stored = next(line for line in metrics.splitlines()
+                      if line.startswith("syncd_stored_bytes "))
+        return health["files"], int(float(stored.split()[1]))
+    assert await reported() == db_totals(data_dir) == (2, 5)
+    await client.close()
+    (data_dir / "added-by-admin").write_bytes(b"12345")
+    client = await app_client()
+    await client.server.app[syncd.STATE].recovery
+    assert await reported() == db_totals(data_dir) == (3, 10)
