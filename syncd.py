@@ -93,6 +93,7 @@ MAX_SEGMENT_BYTES = 255
 MAX_TEXT_FIELD = 8 * 1024         # a multipart text field (path, checksum, ...)
 MAX_MULTIPART_PARTS = 16
 MAX_WS_MESSAGE = 64 * 1024
+DELETE_BATCH = 200                # files of a folder deleted per transaction
 CHANGES_DEFAULT_LIMIT = 1000
 CHANGES_MAX_LIMIT = 10000
 MAX_MODIFIED_TIME = 1e11          # ~ year 5138; beyond that utime() overflows on some systems
@@ -1275,25 +1276,39 @@ class FileStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.tmp_dir / swap.backup)
 
-    def remove(self, path: str) -> Removal | None:
-        """Move path out of the tree into tmp/ (None if it was not on disk)."""
-        *folders, name = path.split("/")
-        try:
-            parent = self._walk(folders, create=False)
-        except (FileNotFoundError, FolderBlocked):
-            return None
+    def remove_many(self, paths: Sequence[str]) -> list[Removal]:
+        """Move paths out of the tree into tmp/, one walk and one fsync per folder; the
+        paths not on disk are left out. On a failure, what was moved is put back."""
+        removals: list[Removal] = []
+        by_folder: dict[str, list[str]] = {}
+        for path in paths:
+            folder, _, name = path.rpartition("/")
+            by_folder.setdefault(folder, []).append(name)
         tmp_fd = self._tmp_fd()
-        parked = f"del-{uuid.uuid4().hex}"
         try:
-            try:
-                os.rename(name, parked, src_dir_fd=parent, dst_dir_fd=tmp_fd)
-            except FileNotFoundError:
-                return None
-            os.fsync(parent)
+            for folder, names in by_folder.items():
+                try:
+                    parent = self._walk(folder.split("/") if folder else [], create=False)
+                except (FileNotFoundError, FolderBlocked):
+                    continue
+                try:
+                    for name in names:
+                        parked = f"del-{uuid.uuid4().hex}"
+                        try:
+                            os.rename(name, parked, src_dir_fd=parent, dst_dir_fd=tmp_fd)
+                        except FileNotFoundError:
+                            continue
+                        removals.append(Removal(f"{folder}/{name}" if folder else name, parked))
+                    os.fsync(parent)
+                finally:
+                    os.close(parent)
+        except BaseException:
+            for removal in reversed(removals):
+                self.undo_remove(removal)
+            raise
         finally:
-            os.close(parent)
             os.close(tmp_fd)
-        return Removal(path, parked)
+        return removals
 
     def undo_remove(self, removal: Removal) -> None:
         """Put a removed file back where it was."""
@@ -1307,11 +1322,18 @@ class FileStore:
             os.close(parent)
             os.close(tmp_fd)
 
-    def finish_remove(self, removal: Removal) -> None:
-        """Delete the parked file for good, and folders the removal left empty."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp_dir / removal.parked)
-        folders = removal.path.split("/")[:-1]
+    def finish_removals(self, removals: Sequence[Removal]) -> None:
+        """Delete parked files for good, and the folders their removal left empty."""
+        for removal in removals:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_dir / removal.parked)
+        for folder in sorted({removal.path.rpartition("/")[0] for removal in removals},
+                             reverse=True):
+            if folder:
+                self._prune(folder.split("/"))
+
+    def _prune(self, folders: list[str]) -> None:
+        """Remove the folder at the end of folders if it is empty, then its parents."""
         if not folders:
             return
         try:
@@ -2285,10 +2307,12 @@ async def commit_staged(state: State, staged: StagedFile, path: str, client_id: 
 
 async def delete_files(state: State, path: str, client_id: str,
                        pre: Precondition) -> tuple[int, int]:
-    """Delete the file at path, or every file under the folder path; (count, last revision)."""
-    loop = asyncio.get_running_loop()
-    files, hub = state.files, state.hub
-    removals: list[Removal] = []
+    """Delete the file at path, or every file under the folder path; (count, last revision).
+
+    A folder goes DELETE_BATCH files per transaction, so that downloads and
+    other writes get the commit lock between batches; a file written under it
+    since the delete began is newer than the delete and stays.
+    """
     async with state.store.transaction() as tx:
         current = await tx.get(path)
         if current is not None and not current.deleted:
@@ -2301,20 +2325,39 @@ async def delete_files(state: State, path: str, client_id: str,
             if pre.is_set():
                 raise ApiError(409, "conflict", f"{path} is a folder: a precondition "
                                "applies to a single file", {"server": None})
-        for target in targets:
-            removal = await loop.run_in_executor(None, files.remove, target.path)
-            if removal is not None:
-                removals.append(removal)
-                tx.undo.append(lambda removal=removal: files.undo_remove(removal))
-            tomb = await tx.record_delete(target, client_id)
-            tx.after_commit.append(
-                lambda tomb=tomb: hub.publish(file_deleted_event(tomb), client_id))
-    state.metrics.deletes += len(targets)
-    for removal in removals:
-        await loop.run_in_executor(None, files.finish_remove, removal)
-    log.info("deleted %s (%d file(s), revision %d) for %s",
-             path, len(targets), tx.last_seq, client_id)
-    return len(targets), tx.last_seq
+        removals = await delete_batch(state, tx, targets[:DELETE_BATCH], client_id)
+    deleted, last_seq = len(removals[1]), tx.last_seq
+    await finish_delete_batch(state, removals[0], len(removals[1]))
+    for start in range(DELETE_BATCH, len(targets), DELETE_BATCH):
+        async with state.store.transaction() as tx:
+            batch = [target for target in targets[start:start + DELETE_BATCH]
+                     if await tx.get(target.path) == target]
+            removals = await delete_batch(state, tx, batch, client_id)
+        deleted, last_seq = deleted + len(removals[1]), tx.last_seq or last_seq
+        await finish_delete_batch(state, removals[0], len(removals[1]))
+    log.info("deleted %s (%d file(s), revision %d) for %s", path, deleted, last_seq, client_id)
+    return deleted, last_seq
+
+
+async def delete_batch(state: State, tx: Transaction, targets: Sequence[FileRecord],
+                       client_id: str) -> tuple[list[Removal], list[FileRecord]]:
+    """In tx: move the targets out of the tree and leave their tombstones; announce them
+    after the commit, or put the files back if it fails."""
+    files, hub = state.files, state.hub
+    removals = await asyncio.to_thread(files.remove_many, [target.path for target in targets])
+    tx.undo.append(lambda: [files.undo_remove(removal) for removal in reversed(removals)])
+    tombs = []
+    for target in targets:
+        tomb = await tx.record_delete(target, client_id)
+        tombs.append(tomb)
+        tx.after_commit.append(lambda tomb=tomb: hub.publish(file_deleted_event(tomb), client_id))
+    return removals, tombs
+
+
+async def finish_delete_batch(state: State, removals: list[Removal], count: int) -> None:
+    """After a batch's commit: drop the parked files and prune empty folders."""
+    state.metrics.deletes += count
+    await asyncio.to_thread(state.files.finish_removals, removals)
 
 
 # ===========================================================================

@@ -70,3 +70,48 @@ async def test_live_counters_follow_every_kind_of_change(app_client: Any, data_d
     client = await app_client()
     await client.server.app[syncd.STATE].recovery
     assert await reported() == db_totals(data_dir) == (3, 10)
+
+
+async def test_a_big_folder_delete_lets_downloads_through_between_batches(client: Any) -> None:
+    store = client.server.app[syncd.STATE].store
+    await put(client, "other.txt", b"read me")
+    for index in range(3 * syncd.DELETE_BATCH + 17):
+        await put(client, f"big/{index % 7}/{index}", b"%d" % index)
+    first, final = store.cursor, store.cursor + 3 * syncd.DELETE_BATCH + 17
+    seen: list[int] = []
+    deleting = asyncio.ensure_future(client.delete("/files/big", params={"client_id": "x"}))
+
+    async def keep_downloading() -> None:
+        while not deleting.done():
+            response = await client.get("/download/other.txt")
+            assert response.status == 200 and await response.read() == b"read me"
+            seen.append(store.cursor)
+    await asyncio.gather(*(keep_downloading() for _ in range(4)))
+    response = await deleting
+    body = await response.json()
+    assert (body["deleted"], body["revision"]) == (3 * syncd.DELETE_BATCH + 17, final)
+    assert any(first < cursor < final for cursor in seen), "no download between two batches"
+    listed = (await (await client.get("/files")).json())["files"]
+    assert [f["path"] for f in listed] == ["other.txt"]
+
+
+async def test_a_file_written_into_the_folder_during_its_delete_stays(
+        client: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for index in range(syncd.DELETE_BATCH + 5):
+        await put(client, f"big/{index}", b"old")
+    late = sorted(f"big/{index}" for index in range(syncd.DELETE_BATCH + 5))[-1]   # last batch
+    real = syncd.finish_delete_batch
+    calls = 0
+
+    async def write_after_first_batch(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:          # between two batches, with the lock free: a client writes
+            assert (await put(client, late, b"new")).status == 200
+        await real(*args)
+    monkeypatch.setattr(syncd, "finish_delete_batch", write_after_first_batch)
+    body = await (await client.delete("/files/big", params={"client_id": "x"})).json()
+    assert body["deleted"] == syncd.DELETE_BATCH + 4
+    listed = (await (await client.get("/files")).json())["files"]
+    assert [f["path"] for f in listed] == [late]
+    assert (data_dir / late).read_bytes() == b"new"
