@@ -87,6 +87,7 @@ CHUNK_SIZE = 1024 * 1024          # streaming unit for uploads and downloads
 READ_BUFFER = 1024 * 1024         # aiohttp's per-connection read buffer (its default: 64 KiB)
 INLINE_LIMIT = 64 * 1024          # downloads up to this size are read, not sendfile'd
 JSON_BODY_LIMIT = 64 * 1024 * 1024  # a /sync manifest of 100,000 entries is ~15 MB
+SYNC_SLOTS = 1                    # /sync manifests parsed and planned at once (memory, CPU)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_PATH_BYTES = 4096
 MAX_SEGMENT_BYTES = 255
@@ -2045,6 +2046,7 @@ class State:
     stopping: bool = False
     accept_deletions: bool = False
     recovery: asyncio.Task[None] | None = None    # the background half of start-up recovery
+    sync_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_SLOTS))
 
 
 STATE = web.AppKey("state", State)
@@ -2096,16 +2098,40 @@ def parse_json(text: str) -> Any:
         raise invalid_request(f"malformed JSON: {exc}") from None
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or 400."""
+async def read_body(request: web.Request, limit: int = JSON_BODY_LIMIT) -> bytearray:
+    """The whole request body, or 413 past limit; 408 only when the client falls silent
+    for upload_idle_timeout (a slow but steady link gets through, as for uploads)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise body_too_large(limit)
+    data = bytearray()
+    async for chunk in idle_limited(request.content.iter_any(),
+                                    state_of(request).config.upload_idle_timeout):
+        data += chunk
+        if len(data) > limit:
+            raise body_too_large(limit)
+    return data
+
+
+def body_too_large(limit: int) -> ApiError:
+    """413 for a request body (not a file) over its limit."""
+    return ApiError(413, "too_large", f"the request body is over {limit} bytes")
+
+
+def decode_json_object(body: bytes | bytearray) -> dict[str, Any]:
+    """A body as a JSON object, or 400."""
     try:
-        text = await within(request.text(), state_of(request).config.upload_idle_timeout)
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise invalid_request("the body is not UTF-8") from None
     data = parse_json(text)
     if not isinstance(data, dict):
         raise invalid_request("the body must be a JSON object")
     return data
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or 400."""
+    return decode_json_object(await read_body(request))
 
 
 def optional_text(data: Mapping[str, Any], key: str, limit: int = 256) -> str | None:
@@ -2499,9 +2525,14 @@ async def send_file(request: web.Request, handle: Any, record: FileRecord,
 # HTTP: handlers
 # ===========================================================================
 
+def compact_json(data: Any) -> str:
+    """JSON without spaces."""
+    return json.dumps(data, separators=(",", ":"))
+
+
 def json_response(data: Any, status: int = 200) -> web.Response:
     """A compact JSON response."""
-    return web.json_response(data, status=status, dumps=lambda obj: json.dumps(obj, separators=(",", ":")))
+    return web.json_response(data, status=status, dumps=compact_json)
 
 
 def note_client(request: web.Request, client_id: str) -> str:
@@ -2564,18 +2595,35 @@ async def handle_clients(request: web.Request) -> web.Response:
 
 
 async def handle_sync(request: web.Request) -> web.Response:
-    """POST /sync: the plan for a client's listing."""
+    """POST /sync: the plan for a client's listing.
+
+    A manifest of 100,000 entries is ~15 MB and costs ~60 MB to parse and plan
+    (README): at most SYNC_SLOTS are worked on at once, in a worker thread so
+    that other requests are served meanwhile. The body is read before taking a
+    slot, so a slow client holds none.
+    """
     state = state_of(request)
-    data = await read_json_object(request)
-    client_id = note_client(request, validate_client_id(data.get("client_id")))
-    entries = parse_sync_entries(data.pop("files", None))   # the parsed list goes at once
-    records, cursor = await state.store.snapshot()
-    plan = plan_sync(entries, records)
+    body = await read_body(request)
+    async with state.sync_slots:
+        client_id, entries = await asyncio.to_thread(decode_sync_request, body)
+        del body
+        note_client(request, client_id)
+        records, cursor = await state.store.snapshot()
+        text = await asyncio.to_thread(
+            lambda: compact_json(plan_sync(entries, records).to_json(state.store.epoch, cursor)))
+        del entries, records
     try:
         await state.store.touch_client(client_id)
     except (OSError, sqlite3.Error) as exc:   # last_seen is not worth failing a read for
         log.warning("could not note that %s was seen: %s", client_id, exc)
-    return json_response(plan.to_json(state.store.epoch, cursor))
+    return web.Response(text=text, content_type="application/json")
+
+
+def decode_sync_request(body: bytearray) -> tuple[str, list[ClientEntry]]:
+    """A SyncRequest's client id and entries (in a worker thread: it is the costly part)."""
+    data = decode_json_object(body)
+    client_id = validate_client_id(data.get("client_id"))
+    return client_id, parse_sync_entries(data.pop("files", None))
 
 
 async def part_chunks(part: Any) -> AsyncIterator[bytes]:

@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import time
 from collections.abc import Iterator
@@ -118,6 +119,33 @@ def test_large_upload_keeps_memory_small(daemon: Any) -> None:
     assert status == 200, body
     assert peak_rss_mb(server.process.pid) < 100
     assert (server.data / "big2.bin").stat().st_size == size
+
+
+def test_concurrent_sync_manifests_are_planned_one_at_a_time(daemon: Any) -> None:
+    """Four 100,000-entry manifests at once cost one plan's memory and four bodies, not four
+    plans (before: 4 x 90 MiB)."""
+    server = daemon()
+    entries = [{"path": f"dir{i % 100}/file-{i:08d}.txt", "checksum": f"{i:064x}", "size": i,
+                "modified_time": 1_700_000_000.5 + i, "base_checksum": ""} for i in range(100_000)]
+    body = json.dumps({"client_id": "big", "files": entries}).encode()
+    del entries
+    base = peak_rss_mb(server.process.pid)
+    status, answer = request(server, "POST", "/sync", body)
+    assert status == 200 and len(json.loads(answer)["upload"]) == 100_000
+    one = peak_rss_mb(server.process.pid) - base
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        request(server, "POST", "/sync", body)[0])) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == [200] * 4
+    four = peak_rss_mb(server.process.pid) - base
+    bodies = 4 * len(body) / 2**20
+    # one plan at a time and four bodies, with a second plan's worth of slack for the
+    # allocator (measured: 185 MiB here against 285 MiB when all four were planned at once)
+    assert four < 2 * one + bodies, (one, four, bodies)
 
 
 def test_malformed_requests_get_400_and_one_log_line_not_a_traceback(daemon: Any) -> None:

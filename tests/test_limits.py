@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,43 @@ async def test_a_file_written_into_the_folder_during_its_delete_stays(
     listed = (await (await client.get("/files")).json())["files"]
     assert [f["path"] for f in listed] == [late]
     assert (data_dir / late).read_bytes() == b"new"
+
+
+async def test_a_slow_but_steady_json_body_gets_through(app_client: Any) -> None:
+    client = await app_client(upload_idle_timeout=1.0)
+    text = json.dumps({"client_id": "slow-link", "files": [
+        {"path": "a.txt", "checksum": "0" * 64, "size": 1, "modified_time": 1}]}).encode()
+
+    async def trickle() -> Any:               # 30 pieces 0.1 s apart: 3 s in all, never silent
+        step = len(text) // 30 + 1
+        for start in range(0, len(text), step):
+            yield text[start:start + step]
+            await asyncio.sleep(0.1)
+    response = await client.post("/sync", data=trickle(),
+                                 headers={"Content-Type": "application/json"})
+    assert response.status == 200, await response.text()
+    assert (await response.json())["upload"] == ["a.txt"]
+
+
+async def test_a_silent_json_body_still_gets_408(app_client: Any) -> None:
+    client = await app_client(upload_idle_timeout=0.5)
+
+    async def stall() -> Any:
+        yield b'{"client_id": '
+        await asyncio.sleep(3)
+        yield b'"x", "files": []}'
+    response = await client.post("/sync", data=stall(), headers={"Content-Type": "application/json"})
+    assert response.status == 408
+
+
+async def test_a_json_body_over_the_limit_is_413(app_client: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(syncd, "JSON_BODY_LIMIT", 1000)
+    monkeypatch.setattr(syncd.read_body, "__defaults__", (1000,))
+    client = await app_client()
+
+    async def chunked() -> Any:                 # no Content-Length: counted as it arrives
+        for _ in range(20):
+            yield b" " * 100
+    response = await client.post("/sync", data=chunked())
+    assert response.status == 413 and (await response.json())["error"] == "too_large"
