@@ -49,6 +49,7 @@ import math
 import mimetypes
 import os
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -109,6 +110,10 @@ WS_CLOSE_OVERFLOW = 4002
 WS_CLOSE_GOING_AWAY = 1001
 STATUS_INTERVAL = 10.0          # seconds between STATUS= updates to systemd
 HEALTH_CHECK_INTERVAL = 1.0     # /health asks the database at most this often
+FD_RESERVE = 64                 # descriptors kept for the database, walks and accept bursts
+LISTEN_BACKLOG = 100            # asyncio's default; it also accepts this many per loop turn
+ACCEPTS_IN_FLIGHT = 4 * LISTEN_BACKLOG   # accepted, not yet refused and closed (measured: 3)
+CAP_WARNING_INTERVAL = 60.0     # seconds between two "refusing connections" warnings
 WS_CLOSE_TIMEOUT = 2.0
 WS_CLOSE_POLICY = 1008          # a client sending faster than WS_MESSAGE_RATE
 WS_MESSAGE_RATE = 20.0          # messages a second a client may send, on average...
@@ -149,10 +154,12 @@ class Config:
     header_timeout: float = 60.0
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    max_connections: int = 16384
 
 
 # Settings a SIGHUP cannot change: they need a restart.
-RESTART_SETTINGS = ("host", "port", "sync_directory", "shutdown_timeout", "header_timeout")
+RESTART_SETTINGS = ("host", "port", "sync_directory", "shutdown_timeout", "header_timeout",
+                    "max_connections")
 SECRET_SETTINGS = ("api_key",)
 
 
@@ -326,6 +333,7 @@ SETTING_PARSERS: dict[str, Callable[[Any], Any]] = {
     "header_timeout": parse_seconds,
     "allowed_origins": parse_origins,
     "allowed_hosts": parse_hosts,
+    "max_connections": parse_positive_whole,
 }
 assert set(SETTING_PARSERS) == {f.name for f in fields(Config)}
 
@@ -3246,7 +3254,109 @@ async def reload_config(state: State, notifier: Notifier,
     notifier.send("READY=1", await status_line(state))
 
 
-async def drain(runner: web.AppRunner, state: State) -> None:
+def raise_descriptor_limit() -> int:
+    """Lift the soft limit on open files to the hard one (1,024 is a common soft default,
+    and systemd's own advice is that a service that needs more raises it); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    if wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_cap(setting: int, descriptors: int) -> int:
+    """How many connections to hold at once: max_connections, or fewer when the descriptors
+    would run out first: each connection may need a second one for its upload's temp file,
+    the database and the walks need some, and asyncio accepts up to LISTEN_BACKLOG
+    connections per turn of the loop, a few turns before a refused one is closed)."""
+    return max(1, min(setting, (descriptors - FD_RESERVE - ACCEPTS_IN_FLIGHT) // 2))
+
+
+REFUSAL_BODY = (b'{"error":"too_many_connections",'
+                b'"message":"the server holds max_connections connections already"}')
+REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+           b"Retry-After: 5\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+           % (len(REFUSAL_BODY), REFUSAL_BODY))
+
+
+class Refusal(asyncio.Protocol):
+    """A connection over the cap: a 503 and the door closed, before we read anything."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Answer and close (close() sends what is buffered first)."""
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(REFUSAL)
+        transport.close()
+
+
+class Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, counted from its creation to its loss.
+
+    asyncio creates up to LISTEN_BACKLOG protocols in one go before any of
+    them is connected, so aiohttp's own list of connections lags behind.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, cap: ConnectionCap) -> None:
+        self.inner = inner
+        self.cap = cap
+        cap.open += 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Pass on."""
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        """Pass on."""
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        """Pass on."""
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        """Pass on."""
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        """Pass on."""
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Pass on, and free the connection's place."""
+        self.cap.open -= 1
+        self.inner.connection_lost(exc)
+
+
+class ConnectionCap:
+    """The listening socket's protocol factory: aiohttp's handler while fewer than limit
+    connections are open, a Refusal past it (never an accept that fails for lack of
+    descriptors, which asyncio logs with a traceback per try)."""
+
+    def __init__(self, server: Callable[[], asyncio.Protocol], limit: int) -> None:
+        self.server = server
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+        self._warned = -math.inf
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        """A protocol for one new connection."""
+        if self.open < self.limit:
+            return Counted(self.server(), self)
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._warned >= CAP_WARNING_INTERVAL:    # once per burst, not per connection
+            log.warning("%d connections are open (max_connections): refusing new ones with "
+                        "503 (%d so far)", self.limit, self.refused)
+            self._warned = now
+        return Refusal()
+
+
+async def drain(listener: asyncio.AbstractServer, state: State) -> None:
     """Stop accepting, close WebSockets (1001), and let requests in flight finish.
 
     aiohttp's own graceful shutdown stops reading from connections at once
@@ -3255,8 +3365,7 @@ async def drain(runner: web.AppRunner, state: State) -> None:
     runner.cleanup() closes what is left.
     """
     state.stopping = True
-    for site in list(runner.sites):
-        await site.stop()
+    listener.close()          # no new connections; the open ones go on
     await state.hub.close_all(WS_CLOSE_GOING_AWAY)
     if state.in_flight:
         log.info("waiting for %d request(s) in flight", state.in_flight)
@@ -3301,9 +3410,16 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        descriptors = raise_descriptor_limit()
+        cap = connection_cap(config.max_connections, descriptors)
+        if cap < config.max_connections:
+            log.warning("max_connections is %d, but %d open files are allowed: serving at most "
+                        "%d connections (raise LimitNOFILE or ulimit -n)",
+                        config.max_connections, descriptors, cap)
         try:
-            await site.start()
+            listener = await loop.create_server(
+                ConnectionCap(runner.server, cap), config.host, config.port,  # type: ignore[arg-type]
+                reuse_address=True, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
             return 1
@@ -3320,7 +3436,7 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
         await stop.wait()
         log.info("shutting down")
         notifier.send("STOPPING=1", "STATUS=shutting down")
-        await drain(runner, state)
+        await drain(listener, state)
     finally:
         for task in list(tasks):
             task.cancel()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import resource
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 
 import syncd
-from conftest import put
+from conftest import http_request, put, wait_until
 
 
 def db_totals(data_dir: Path) -> tuple[int, int]:
@@ -156,3 +158,37 @@ async def test_a_json_body_over_the_limit_is_413(app_client: Any,
             yield b" " * 100
     response = await client.post("/sync", data=chunked())
     assert response.status == 413 and (await response.json())["error"] == "too_large"
+
+
+def limit_open_files() -> None:
+    """In the daemon's child process: 1,024 open files, soft and hard (a quick start by hand
+    outside systemd, where the soft limit cannot be raised)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+
+def test_connections_past_the_descriptor_limit_get_503_and_one_warning(daemon: Any) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1300:                       # the test itself holds 1,100 sockets
+        if hard != resource.RLIM_INFINITY and hard < 1300:
+            pytest.skip(f"this process may open only {hard} files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1300, hard))
+    server = daemon(preexec_fn=limit_open_files)
+    cap = syncd.connection_cap(16384, 1024)
+    assert 100 < cap < 1024 and f"serving at most {cap} connections" in server.log()
+    idle = []
+    try:
+        for _ in range(1100):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        status, headers, body = http_request(server.port, "GET", "/health", timeout=10)
+        assert status == 503 and json.loads(body)["error"] == "too_many_connections"
+        for _ in range(50):
+            assert http_request(server.port, "GET", "/health", timeout=10)[0] == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_until(lambda: http_request(server.port, "GET", "/health", timeout=10)[0] == 200,
+               "the server to accept again")
+    log = server.log()
+    assert "Traceback" not in log and "Too many open files" not in log
+    assert log.count("refusing new ones") == 1
+    assert server.stop() == 0
