@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import datetime
 import errno
 import fnmatch
 import hashlib
@@ -117,7 +118,8 @@ CAP_WARNING_INTERVAL = 60.0     # seconds between two "refusing connections" war
 WS_CLOSE_TIMEOUT = 2.0
 WS_CLOSE_POLICY = 1008          # a client sending faster than WS_MESSAGE_RATE
 WS_MESSAGE_RATE = 20.0          # messages a second a client may send, on average...
-WS_MESSAGE_BURST = 100.0        # ...with bursts of up to this many
+WS_MESSAGE_BURST = 500.0        # ...with bursts of up to this many (a client that sends a
+                                # notice per local change, copying a few hundred files)
 EXIT_CONFIG = 2                 # bad configuration: systemd must not restart us
 EXIT_MASS_VANISH = 3            # most known files are gone: an admin must look first
 EXIT_STORAGE = 4                # the tree or its database cannot be opened at start-up
@@ -184,7 +186,7 @@ def parse_whole(value: Any) -> int:
         raise ValueError("expected a whole number")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,18}\s*", value, re.ASCII):
         return int(value)
     raise ValueError("expected a whole number")
 
@@ -210,7 +212,7 @@ def parse_size(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     elif isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+        match = re.fullmatch(r"\s*([0-9]{1,18})\s*([A-Za-z]*)\s*", value, re.ASCII)
         unit = match.group(2).lower() if match else None
         if not match or unit not in SIZE_UNITS:
             raise ValueError('expected a size like 100MB, 1GiB or 1048576')
@@ -579,17 +581,36 @@ def validate_checksum(value: Any, name: str, *, allow_empty: bool) -> str:
     raise invalid_request(f"{name} must be a hex SHA-256" + (' or ""' if allow_empty else ""))
 
 
+NUMBER_RE = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,4})?", re.ASCII)
+
+
 def validate_modified_time(value: Any, name: str = "modified_time") -> float:
-    """Unix seconds, finite, from 0 to about the year 5000."""
+    """Unix seconds, finite, from 0 to about the year 5000: a number, or text holding a
+    decimal number or an ISO 8601 date and time (UTC when it names no zone)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise invalid_request(f"{name} must be a number of Unix seconds")
     try:
-        seconds = float(value)
-    except ValueError:
-        raise invalid_request(f"{name} must be a number of Unix seconds") from None
+        seconds = float(value) if not isinstance(value, str) else parse_time_text(value)
+    except (ValueError, OverflowError):
+        raise invalid_request(f"{name} must be Unix seconds or an ISO 8601 time, "
+                              "like 1764625735 or 2026-12-01T21:48:55Z") from None
     if not math.isfinite(seconds) or not 0 <= seconds <= MAX_MODIFIED_TIME:
         raise invalid_request(f"{name} must be Unix seconds from 0 to {MAX_MODIFIED_TIME:.0f}")
     return seconds
+
+
+def parse_time_text(text: str) -> float:
+    """Unix seconds from "1764625735.5" or "2026-12-01T21:48:55[.123][Z|+01:00]"; only
+    ASCII digits (float() would take "١٢" and "1_0", and NaN)."""
+    text = text.strip()
+    if NUMBER_RE.fullmatch(text):
+        return float(text)
+    if not text.isascii():
+        raise ValueError(text)
+    moment = datetime.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
 
 
 # ===========================================================================
@@ -1788,6 +1809,7 @@ def plan_sync(entries: Sequence[ClientEntry], server: Mapping[str, FileRecord]) 
 # ===========================================================================
 
 PING = object()          # queue item: send a WebSocket ping
+STOP = object()          # queue item: wakes the writer of a closing connection
 
 
 @dataclass(eq=False)
@@ -1802,6 +1824,7 @@ class Connection:
     writer: asyncio.Task[None] | None = None
     closing: bool = False
     allowance: float = WS_MESSAGE_BURST     # token bucket for the client's own messages
+    told_unknown: bool = False              # unknown message types are answered once
 
     def may_send(self, now: float) -> bool:
         """Take one token; False when the client sends faster than WS_MESSAGE_RATE."""
@@ -1877,12 +1900,18 @@ class Hub:
             conn.queue.put_nowait(item)
         except asyncio.QueueFull:
             log.warning("client %s is not reading its events: closing it (4002)", conn.client_id)
-            self.drop(conn, WS_CLOSE_OVERFLOW, "event queue overflow: resync with /changes")
+            # A slow but live client reads what is buffered, then the close frame behind it:
+            # it gets up to heartbeat_timeout for that, not the 2 s of other closes.
+            self.drop(conn, WS_CLOSE_OVERFLOW, "event queue overflow: resync with /changes",
+                      patience=self.heartbeat_timeout)
 
-    def drop(self, conn: Connection, code: int, reason: str) -> None:
-        """Close a connection in the background, without waiting for it."""
+    def drop(self, conn: Connection, code: int, reason: str,
+             patience: float = WS_CLOSE_TIMEOUT) -> None:
+        """Close a connection in the background, without waiting for it; cut it off if the
+        close handshake has not finished after patience seconds."""
         if self._stop_writing(conn):
-            task = asyncio.get_running_loop().create_task(self._close(conn, code, reason))
+            task = asyncio.get_running_loop().create_task(
+                self._close(conn, code, reason, patience))
             self._closers.add(task)
             task.add_done_callback(self._closers.discard)
 
@@ -1893,19 +1922,24 @@ class Hub:
 
     @staticmethod
     def _stop_writing(conn: Connection) -> bool:
-        """Mark conn closing and stop its writer; False if it was closing already."""
+        """Mark conn closing, so that its writer sends nothing more; False if it was already.
+
+        The writer is told, not cancelled: cancelling it while it waits for the
+        socket to drain would cancel aiohttp's drain future, which the close
+        frame's send then waits on too, and the close would end at once.
+        """
         if conn.closing:
             return False
         conn.closing = True
-        if conn.writer is not None:
-            conn.writer.cancel()
+        with contextlib.suppress(asyncio.QueueFull):     # full: the writer is not waiting
+            conn.queue.put_nowait(STOP)
         return True
 
-    async def _close(self, conn: Connection, code: int, reason: str) -> None:
+    async def _close(self, conn: Connection, code: int, reason: str,
+                     patience: float = WS_CLOSE_TIMEOUT) -> None:
         closed = False
         try:
-            await asyncio.wait_for(conn.ws.close(code=code, message=reason.encode()),
-                                   WS_CLOSE_TIMEOUT)
+            await asyncio.wait_for(conn.ws.close(code=code, message=reason.encode()), patience)
             closed = True
         except (asyncio.TimeoutError, ConnectionError, RuntimeError):
             pass
@@ -1920,6 +1954,8 @@ class Hub:
         try:
             while True:
                 item = await conn.queue.get()
+                if conn.closing:          # what is still queued is dropped: /changes has it
+                    return
                 if item is PING:
                     await conn.ws.ping()
                 elif isinstance(item, bytes):
@@ -2149,6 +2185,10 @@ def optional_text(data: Mapping[str, Any], key: str, limit: int = 256) -> str | 
         return None
     if not isinstance(value, str) or len(value) > limit:
         raise invalid_request(f"{key} must be a string of at most {limit} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:        # "\ud800" in JSON: a lone surrogate is no text
+        raise invalid_request(f"{key} is not valid Unicode text") from None
     return value
 
 
@@ -2164,7 +2204,7 @@ def query_int(request: web.Request, name: str, default: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not re.fullmatch(r"\d{1,18}", raw):
+    if not re.fullmatch(r"[0-9]{1,18}", raw):
         raise invalid_request(f"{name} must be a non-negative integer")
     return int(raw)
 
@@ -2207,19 +2247,27 @@ def parse_sync_entry(item: Any) -> ClientEntry:
         None if base is None else validate_checksum(base, ".base_checksum", allow_empty=True))
 
 
-def parse_etags(header: str | None) -> tuple[str, ...] | None:
-    """The entity tags of If-Match / If-None-Match ("*" kept as is), quotes and W/ removed."""
+def parse_etags(header: str | None, *, strong: bool) -> tuple[str, ...] | None:
+    """The entity tags of If-Match / If-None-Match ("*" kept as is), unquoted.
+
+    If-Match compares strongly (RFC 9110 13.1.1): a weak tag W/"..." never
+    matches, so it is kept with its W/ and matches no checksum. If-None-Match
+    compares weakly: W/ is dropped. An empty tag "" is a tag that matches nothing.
+    """
     if header is None:
         return None
     tags = []
     for part in header.split(","):
         tag = part.strip()
-        if tag.startswith("W/"):
+        weak = tag.startswith("W/")
+        if weak:
             tag = tag[2:]
         if len(tag) >= 2 and tag[0] == tag[-1] == '"':
             tag = tag[1:-1]
-        if tag:
-            tags.append(tag.lower() if tag != "*" else tag)
+        elif not tag:
+            continue
+        tag = tag.lower() if tag != "*" else tag
+        tags.append("W/" + tag if weak and strong else tag)
     if not tags:
         raise invalid_request("an empty If-Match / If-None-Match header")
     return tuple(tags)
@@ -2402,20 +2450,27 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """(offset, count) of a single byte range; None to send it all; 416 when outside."""
     if header is None:
         return None
-    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header, re.IGNORECASE)
+    match = re.fullmatch(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", header,
+                         re.IGNORECASE | re.ASCII)
     if not match or match.group(1) == match.group(2) == "":
         return None    # malformed or several ranges: RFC 9110 lets us ignore Range
     first, last = match.group(1), match.group(2)
     if first == "":
-        suffix = int(last)
+        suffix = range_number(last)
         if suffix == 0 or size == 0:
             raise range_not_satisfiable(size)
         return max(0, size - suffix), min(suffix, size)
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if start >= size or (last and int(last) < start):
+    start = range_number(first)
+    end = min(range_number(last), size - 1) if last else size - 1
+    if start >= size or (last and range_number(last) < start):
         raise range_not_satisfiable(size)
     return start, end - start + 1
+
+
+def range_number(digits: str) -> int:
+    """A byte position; one of more than 18 digits is past any file (and int() refuses
+    over 4,300 digits)."""
+    return int(digits) if len(digits) <= 18 else 10**18
 
 
 def range_not_satisfiable(size: int) -> ApiError:
@@ -2425,8 +2480,12 @@ def range_not_satisfiable(size: int) -> ApiError:
 
 
 def etag_matches(header: str | None, checksum: str) -> bool:
-    """Whether If-None-Match names this checksum (or *)."""
-    tags = parse_etags(header) if header is not None else None
+    """Whether a GET's If-None-Match names this checksum (or *); one that cannot be
+    parsed is ignored, as RFC 9110 lets a cache condition be."""
+    try:
+        tags = parse_etags(header, strong=False)
+    except ApiError:
+        return False
     return tags is not None and ("*" in tags or checksum in tags)
 
 
@@ -2634,16 +2693,75 @@ def decode_sync_request(body: bytearray) -> tuple[str, list[ClientEntry]]:
     return client_id, parse_sync_entries(data.pop("files", None))
 
 
-async def part_chunks(part: Any) -> AsyncIterator[bytes]:
-    """The bytes of one multipart part, chunk by chunk."""
-    while chunk := await part.read_chunk(CHUNK_SIZE):
+# What aiohttp's multipart reader raises on a body it cannot parse (a wrong or missing
+# boundary, a truncated body, a bad _charset_ part, a Content-Length that is no number).
+MULTIPART_ERRORS = (ValueError, AssertionError, RuntimeError, LookupError, AttributeError,
+                    HttpProcessingError)
+MAX_PART_HEADERS = 128
+MAX_PART_HEADER_BYTES = 8190      # as aiohttp allows for a request's own header lines
+MAX_EPILOGUE = 64 * 1024          # text after the closing boundary (RFC 2046 lets it be)
+HEADER_CONTROL_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def malformed(exc: BaseException) -> ApiError:
+    """400 for a multipart body aiohttp could not parse (a client's mistake: no traceback)."""
+    lines = str(exc).strip().splitlines()
+    return invalid_request("malformed multipart body: " + (lines[0][:200] if lines else
+                                                           type(exc).__name__))
+
+
+async def multipart_step(work: Awaitable[T], idle: float) -> T:
+    """One read of a multipart body: 408 when it stalls, 400 when it is malformed."""
+    try:
+        return await within(work, idle)
+    except MULTIPART_ERRORS as exc:
+        raise malformed(exc) from None
+
+
+async def next_part(reader: aiohttp.MultipartReader, idle: float) -> aiohttp.BodyPartReader | None:
+    """The next part of an upload, checked; None after the closing boundary."""
+    part = await multipart_step(reader.next(), idle)
+    if part is None:
+        return None
+    if not isinstance(part, aiohttp.BodyPartReader):
+        raise invalid_request("a part of the upload is itself multipart")
+    if len(part.headers) > MAX_PART_HEADERS:
+        raise invalid_request(f"a part has more than {MAX_PART_HEADERS} headers")
+    for name, value in part.headers.items():
+        if len(name) + len(value) > MAX_PART_HEADER_BYTES or HEADER_CONTROL_RE.search(value):
+            raise invalid_request(f"a part's {name[:50]} header is too long or holds a "
+                                  "control character")
+    length = part.headers.get("Content-Length")
+    if length is not None and not re.fullmatch(r"[0-9]{1,18}", length.strip()):
+        raise invalid_request("a part's Content-Length is not a number")   # aiohttp ignores it
+    return part
+
+
+async def check_epilogue(request: web.Request, idle: float) -> None:
+    """400 when more than MAX_EPILOGUE bytes follow the closing boundary."""
+    seen = 0
+    while chunk := await multipart_step(request.content.readany(), idle):
+        seen += len(chunk)
+        if seen > MAX_EPILOGUE:
+            raise invalid_request(f"more than {MAX_EPILOGUE} bytes after the closing boundary")
+
+
+async def part_chunks(part: aiohttp.BodyPartReader) -> AsyncIterator[bytes]:
+    """The bytes of one multipart part, chunk by chunk (stage_body applies the idle limit)."""
+    while True:
+        try:
+            chunk = await part.read_chunk(CHUNK_SIZE)
+        except MULTIPART_ERRORS as exc:
+            raise malformed(exc) from None
+        if not chunk:
+            return
         yield chunk
 
 
-async def read_text_field(part: Any, idle: float) -> str:
+async def read_text_field(part: aiohttp.BodyPartReader, idle: float) -> str:
     """A small multipart text field, or 400 (408 if it stalls)."""
     data = bytearray()
-    while chunk := await within(part.read_chunk(MAX_TEXT_FIELD), idle):
+    while chunk := await multipart_step(part.read_chunk(MAX_TEXT_FIELD), idle):
         data += chunk
         if len(data) > MAX_TEXT_FIELD:
             raise invalid_request(f"the field {part.name} is longer than {MAX_TEXT_FIELD} bytes")
@@ -2672,8 +2790,9 @@ async def handle_upload(request: web.Request) -> web.Response:
     idle = state.config.upload_idle_timeout
     try:
         for _ in range(MAX_MULTIPART_PARTS + 1):
-            part = await within(reader.next(), idle)
+            part = await next_part(reader, idle)
             if part is None:
+                await check_epilogue(request, idle)
                 break
             if part.name == "file":
                 if staged is not None:
@@ -2732,8 +2851,9 @@ async def handle_put_file(request: web.Request) -> web.Response:
     raw_mtime = request.headers.get("X-Modified-Time")
     modified_time = (validate_modified_time(raw_mtime, "X-Modified-Time")
                      if raw_mtime is not None else time.time())
-    pre = Precondition(if_match=parse_etags(request.headers.get("If-Match")),
-                       if_none_match=parse_etags(request.headers.get("If-None-Match")))
+    pre = Precondition(if_match=parse_etags(request.headers.get("If-Match"), strong=True),
+                       if_none_match=parse_etags(request.headers.get("If-None-Match"),
+                                                 strong=False))
     length = request.content_length
     if length is not None and length > state.config.max_file_size:
         raise ApiError(413, "too_large",
@@ -2758,7 +2878,7 @@ async def handle_delete_file(request: web.Request) -> web.Response:
     pre = Precondition(
         base_checksum=None if base is None else validate_checksum(
             base, "base_checksum", allow_empty=True),
-        if_match=parse_etags(request.headers.get("If-Match")))
+        if_match=parse_etags(request.headers.get("If-Match"), strong=True))
     deleted, revision = await run_to_completion(
         state, delete_files(state, path, client_id, pre))
     return json_response({"success": True, "path": path, "deleted": deleted,
@@ -2821,8 +2941,10 @@ def answer_ws_message(hub: Hub, conn: Connection, msg: Any) -> None:
         kind = data.get("type") if isinstance(data, dict) else None
         if kind == "heartbeat":
             hub.send(conn, json.dumps({"type": "heartbeat_ack", "timestamp": time.time()}))
-        else:
-            hub.send(conn, ws_error("unknown_type", f"unknown message type {kind!r}"))
+        elif not conn.told_unknown:     # once: a client of another design may send many
+            conn.told_unknown = True
+            hub.send(conn, ws_error("unknown_type", f"unknown message type {kind!r} (ignored, "
+                                    "and not answered again on this connection)"))
 
 
 async def handle_ws(request: web.Request) -> web.WebSocketResponse:
@@ -2833,7 +2955,8 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
     if client_id not in state.hub.connections and len(state.hub.connections) >= limit:
         raise ApiError(503, "too_many_clients", f"{limit} WebSocket clients are connected already")
     # autoping off: we answer pings ourselves, so that a pong counts as hearing from the client
-    ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_WS_MESSAGE, timeout=5.0)
+    # + 1: aiohttp refuses a frame whose length reaches max_msg_size; the contract allows 64 KiB
+    ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_WS_MESSAGE + 1, timeout=5.0)
     await ws.prepare(request)
     hub = state.hub
     hello = {"type": "hello", "client_id": client_id, "cursor": state.store.cursor,

@@ -237,7 +237,8 @@ def raw_ws_connect(port: int, path: str) -> socket.socket:
 
 
 async def test_a_client_that_never_reads_does_not_delay_others(app_client: Any) -> None:
-    client = await app_client(ws_queue_size=50)
+    # heartbeat_timeout: how long a client closed for overflow gets to read its close frame
+    client = await app_client(ws_queue_size=50, heartbeat_interval=1.0, heartbeat_timeout=3.0)
     stuck = await asyncio.to_thread(raw_ws_connect, client.port, "/ws/stuck")
     hub = client.app[syncd.STATE].hub
     for _ in range(100):
@@ -265,3 +266,80 @@ async def test_a_client_that_never_reads_does_not_delay_others(app_client: Any) 
             assert "stuck" not in hub.connections
     finally:
         stuck.close()
+
+
+async def test_a_frame_of_exactly_64_kib_is_allowed(client: Any) -> None:
+    async with client.ws_connect("/ws/desk") as ws:
+        await hello(ws)
+        frame = json.dumps({"type": "heartbeat", "pad": ""})
+        frame = frame[:-2] + "x" * (syncd.MAX_WS_MESSAGE - len(frame)) + '"}'
+        assert len(frame.encode()) == syncd.MAX_WS_MESSAGE
+        await ws.send_str(frame)
+        assert (await next_json(ws))["type"] == "heartbeat_ack"
+
+
+async def test_a_burst_of_notices_is_answered_once_and_keeps_the_socket(client: Any) -> None:
+    """An independent client sends a notice per local change: 150 of them at once."""
+    async with client.ws_connect("/ws/chatty") as ws, client.ws_connect("/ws/other") as other:
+        await hello(ws)
+        await hello(other)
+        for index in range(300):
+            await ws.send_json({"type": "local_change", "path": f"f{index}"})
+        await ws.send_json({"type": "heartbeat"})
+        first = await next_json(ws)
+        assert (first["type"], first["error"]) == ("error", "unknown_type")
+        assert (await next_json(ws))["type"] == "heartbeat_ack"      # no second error
+        await put(client, "after.txt", b"x", client_id="laptop")
+        assert (await next_json(ws))["path"] == "after.txt"
+        assert (await next_json(other))["path"] == "after.txt"
+
+
+def read_frames(sock: socket.socket, deadline: float) -> list[tuple[int, bytes]]:
+    """Every frame the server sends until it closes (opcode, payload); unmasked frames."""
+    data = b""
+    sock.settimeout(1)
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    frames, at = [], 0
+    while at + 2 <= len(data):
+        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if length == 126:
+            length, at = int.from_bytes(data[at:at + 2], "big"), at + 2
+        elif length == 127:
+            length, at = int.from_bytes(data[at:at + 8], "big"), at + 8
+        frames.append((opcode, data[at:at + length]))
+        at += length
+    return frames
+
+
+async def test_a_slow_client_gets_its_4002_behind_what_was_buffered(app_client: Any) -> None:
+    client = await app_client(ws_queue_size=5)
+    slow = await asyncio.to_thread(raw_ws_connect, client.port, "/ws/slow")
+    hub = client.app[syncd.STATE].hub
+    for _ in range(100):
+        if "slow" in hub.connections:
+            break
+        await asyncio.sleep(0.02)
+    conn = hub.connections["slow"]
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    for seq in range(1, 200):
+        hub.publish({"type": "file_changed", "seq": seq, "pad": "p" * 8000})
+        await asyncio.sleep(0)
+        if conn.closing:
+            break
+    assert conn.closing
+    await asyncio.sleep(syncd.WS_CLOSE_TIMEOUT + 1)     # alive but slow: reads only now
+    frames = await asyncio.to_thread(read_frames, slow, time.monotonic() + 15)
+    slow.close()
+    assert frames and frames[-1][0] == 0x8, [opcode for opcode, _ in frames][-5:]
+    assert int.from_bytes(frames[-1][1][:2], "big") == syncd.WS_CLOSE_OVERFLOW
+    assert all(opcode == 0x1 for opcode, _ in frames[:-1])     # whole events, then the close
