@@ -340,11 +340,24 @@ SETTING_PARSERS: dict[str, Callable[[Any], Any]] = {
 assert set(SETTING_PARSERS) == {f.name for f in fields(Config)}
 
 
+def read_regular_file(path: str) -> bytes:
+    """A file's bytes; OSError (ENODEV) when it is not a regular file. Opened with
+    O_NONBLOCK, so that a FIFO put there cannot hang start-up or a reload."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.ENODEV, "not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(fd)
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     """The flat table of a syncd.toml; unknown keys are errors (they are typos)."""
     try:
-        with open(path, "rb") as handle:
-            table = tomllib.load(handle)
+        table = tomllib.loads(read_regular_file(path).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -360,10 +373,10 @@ def read_config_file(path: str) -> dict[str, Any]:
 def read_api_key_file(path: str) -> str:
     """The key in api_key_file, without its trailing newline."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            key = handle.read().rstrip("\r\n")
+        key = read_regular_file(path).decode("utf-8").rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"api_key_file: cannot read {path}: {exc.__class__.__name__}") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc.__class__.__name__
+        raise ConfigError(f"api_key_file: cannot read {path}: {why}") from None
     if not key.strip():
         raise ConfigError(f"api_key_file: {path} is empty")
     return key
@@ -404,6 +417,20 @@ def load_config(
     return config
 
 
+def key_file_warning(config: Config) -> str | None:
+    """A warning when api_key_file can be read by other users of the machine."""
+    if config.api_key_file is None:
+        return None
+    try:
+        mode = os.stat(config.api_key_file).st_mode
+    except OSError:
+        return None
+    if mode & 0o077:
+        return (f"api_key_file: {config.api_key_file} can be read by other users "
+                f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it")
+    return None
+
+
 def describe_config(config: Config) -> str:
     """The effective settings as TOML lines, secrets masked (for --check-config)."""
     lines = []
@@ -441,7 +468,8 @@ class JournalFormatter(logging.Formatter):
         """Prefix each line, so a traceback keeps its priority in the journal."""
         priority = JOURNAL_PRIORITIES.get(record.levelno, 6)
         text = super().format(record)
-        return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+        # split on "\n" only, as journald does (splitlines() would also split on U+2028)
+        return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
 
 
 def stderr_is_journal(environ: Mapping[str, str]) -> bool:
@@ -471,9 +499,37 @@ class QuietParseErrors(logging.Filter):
         return log.isEnabledFor(logging.INFO)
 
 
+# Control and line-separator characters: what could end a log line or a journal entry
+# early and so let a client write a line of its own (Cc, Zl, Zp, and bidi overrides).
+UNSAFE_LOG_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_log_value(value: Any) -> Any:
+    """A logged value, with every unsafe character as \\xNN or \\uNNNN (numbers as they are)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = str(value)
+    return UNSAFE_LOG_RE.sub(lambda match: match.group().encode("unicode_escape").decode(), text) \
+        if UNSAFE_LOG_RE.search(text) else text
+
+
+class EscapeValues(logging.Filter):
+    """Escape every argument of every record: paths, client names and error texts come from
+    clients, and "x%0A2026-12-01 ... WARNING FORGED" must stay one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's arguments in place."""
+        if isinstance(record.args, tuple):
+            record.args = tuple(escape_log_value(arg) for arg in record.args)
+        elif isinstance(record.args, Mapping):
+            record.args = {key: escape_log_value(arg) for key, arg in record.args.items()}
+        return True
+
+
 def setup_logging(level: str, environ: Mapping[str, str]) -> None:
     """Send syncd's (and aiohttp's) logs to stderr, in journald's format when it listens."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(EscapeValues())
     if stderr_is_journal(environ):
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
@@ -3369,8 +3425,11 @@ async def reload_config(state: State, notifier: Notifier,
     """SIGHUP: read the configuration again; a bad one is logged and the old one kept."""
     notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
     try:
-        apply_config(state, load())
+        new = load()
+        apply_config(state, new)
         log.info("configuration reloaded")
+        if warning := key_file_warning(new):
+            log.warning("%s", warning)
         set_log_level(state.config.log_level)     # after the line above, which it may silence
     except ConfigError as exc:
         log.error("configuration not reloaded, keeping the old one: %s", exc)
@@ -4393,9 +4452,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"syncd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check_config:
+        if warning := key_file_warning(config):
+            print(f"syncd: warning: {warning}", file=sys.stderr)
         print(describe_config(config))
         return 0
     setup_logging(config.log_level, os.environ)
+    if warning := key_file_warning(config):
+        log.warning("%s", warning)
     try:
         return asyncio.run(run_daemon(config, load, accept_deletions=args.accept_deletions))
     except KeyboardInterrupt:

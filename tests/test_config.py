@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,36 @@ def test_stderr_is_journal_compares_device_and_inode() -> None:
     assert syncd.stderr_is_journal({"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"})
     assert not syncd.stderr_is_journal({"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino + 1}"})
     assert not syncd.stderr_is_journal({})
+
+
+def test_a_fifo_as_api_key_file_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "key"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(syncd.ConfigError, match="api_key_file.*not a regular file"):
+        syncd.load_config(None, {"SYNCD_API_KEY_FILE": str(fifo)}, {})
+    assert time.monotonic() - started < 5
+
+
+def test_a_fifo_as_config_file_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "syncd.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(syncd.ConfigError, match="cannot be read"):
+        syncd.load_config(str(fifo), {}, {})
+
+
+def run_check_config(tmp_path: Path, key_mode: int) -> subprocess.CompletedProcess[str]:
+    key = tmp_path / "api_key"
+    key.write_text("secret\n")
+    os.chmod(key, key_mode)
+    return subprocess.run([sys.executable, str(ROOT / "syncd.py"), "--check-config",
+                           "--api-key-file", str(key)], capture_output=True, text=True,
+                          timeout=30, cwd=tmp_path)
+
+
+def test_a_world_readable_key_file_gets_a_warning(tmp_path: Path) -> None:
+    result = run_check_config(tmp_path, 0o644)
+    assert result.returncode == 0
+    assert "can be read by other users (mode 0644); chmod 600" in result.stderr
+    assert "secret" not in result.stdout + result.stderr
+    assert "warning" not in run_check_config(tmp_path, 0o600).stderr

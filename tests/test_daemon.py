@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -163,3 +165,29 @@ def test_malformed_requests_get_400_and_one_log_line_not_a_traceback(daemon: Any
     log = server.log()
     assert "Traceback" not in log and "Error handling request" not in log
     assert log.count("malformed request from 127.0.0.1") == 2    # TLS noise is aiohttp's debug
+
+
+FORGED = "/x%0A2026-12-01%2021:48:55,000%20WARNING%20syncd:%20FORGED%20line"
+
+
+def test_a_request_cannot_forge_a_log_line(daemon: Any) -> None:
+    server = daemon()
+    request(server, "GET", FORGED)
+    request(server, "PUT", "/files/evil%0D%0AFORGED2.txt", b"x", {"X-Client-Id": "desk"})
+    log = server.log()
+    assert not [line for line in log.split("\n") if line.startswith(("2026-12-01 21:48:55",
+                                                                       "FORGED"))]
+    assert "\\n2026-12-01 21:48:55,000 WARNING syncd: FORGED" in log      # escaped, one line
+    assert "evil\\r\\nFORGED2.txt" in log
+
+
+def test_line_separators_cannot_split_a_journal_entry(daemon: Any, tmp_path: Path) -> None:
+    port = free_port()
+    log_path = tmp_path / f"daemon-{port}.log"
+    log_path.write_bytes(b"")
+    status = os.stat(log_path)
+    server = daemon(port=port, env={"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"})
+    request(server, "GET", "/x%E2%80%A8<3>syncd:%20FORGED%E2%80%A9<2>FORGED")
+    lines = server.log().splitlines()        # splits on U+2028 too, as a journal reader may
+    assert lines and all(re.match(r"<[0-7]>syncd", line) for line in lines), lines
+    assert any("\\u2028<3>syncd: FORGED\\u2029<2>FORGED" in line for line in lines)
