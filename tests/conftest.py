@@ -111,7 +111,7 @@ def tmp_files(data_dir: Path) -> list[str]:
 
 # -- a real daemon ---------------------------------------------------------------
 
-def http_request(port: int, method: str, path: str, body: bytes | None = None,
+def http_request(port: int, method: str, path: str, body: Any = None,
                  headers: dict[str, str] | None = None,
                  timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
     """One request to 127.0.0.1:port: status, headers, body."""

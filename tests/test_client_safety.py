@@ -4,7 +4,6 @@ folder is ever touched, and a file the user stops syncing is not deleted anywher
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -96,11 +95,17 @@ def download_entry(path: str) -> dict[str, Any]:
             "revision": 3}
 
 
-async def run_once(folder: Path, url: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, str(ROOT / "syncd.py"), "client", str(folder), "--server", url,
-               "--client-id", "victim", "--once"]
-    return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True,
-                                   timeout=60)
+async def run_once(folder: Path, plan: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """client --once in folder against a server that answers /sync with plan."""
+    server = HostileServer(plan)
+    await server.start()
+    command = [sys.executable, str(ROOT / "syncd.py"), "client", str(folder), "--server",
+               server.url, "--client-id", "victim", "--once"]
+    try:
+        return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True,
+                                       timeout=60)
+    finally:
+        await server.stop()
 
 
 @pytest.mark.parametrize("bad", ["../outside/pwned.txt", "/tmp/syncd-absolute-pwned",
@@ -109,13 +114,8 @@ async def run_once(folder: Path, url: str) -> subprocess.CompletedProcess[str]:
 async def test_client_refuses_a_download_outside_its_folder(tmp_path: Path, bad: str) -> None:
     folder = tmp_path / "mine"
     (tmp_path / "outside").mkdir()
-    server = HostileServer(empty_plan(download=[download_entry(bad),
-                                                download_entry("fine.txt")]))
-    await server.start()
-    try:
-        result = await run_once(folder, server.url)
-    finally:
-        await server.stop()
+    result = await run_once(folder, empty_plan(download=[download_entry(bad),
+                                                         download_entry("fine.txt")]))
     assert result.returncode == syncd.EXIT_CLIENT_FAILED
     assert "invalid path from the server" in result.stderr
     assert list((tmp_path / "outside").iterdir()) == []
@@ -130,12 +130,8 @@ async def test_client_refuses_a_delete_outside_its_folder(tmp_path: Path) -> Non
     (tmp_path / "outside").mkdir()
     canary = tmp_path / "outside" / "canary"
     canary.write_bytes(b"pwned")              # the checksum the server says it had
-    server = HostileServer(empty_plan(delete=[{"path": "../outside/canary", "revision": 4}]))
-    await server.start()
-    try:
-        result = await run_once(folder, server.url)
-    finally:
-        await server.stop()
+    result = await run_once(folder, empty_plan(delete=[{"path": "../outside/canary",
+                                                        "revision": 4}]))
     assert result.returncode == syncd.EXIT_CLIENT_FAILED
     assert "invalid path from the server" in result.stderr
     assert canary.read_bytes() == b"pwned"
@@ -144,15 +140,10 @@ async def test_client_refuses_a_delete_outside_its_folder(tmp_path: Path) -> Non
 async def test_client_refuses_bad_paths_in_upload_and_conflict_lists(tmp_path: Path) -> None:
     folder = tmp_path / "mine"
     folder.mkdir()
-    server = HostileServer(empty_plan(
+    result = await run_once(folder, empty_plan(
         upload=["../../etc/passwd"],
         conflicts=[{"path": "../outside/x", "reason": "both_modified", "client": {},
                     "server": None}]))
-    await server.start()
-    try:
-        result = await run_once(folder, server.url)
-    finally:
-        await server.stop()
     assert result.returncode == syncd.EXIT_CLIENT_FAILED
     assert result.stderr.count("invalid path from the server") == 2
     assert not (tmp_path / "outside").exists()

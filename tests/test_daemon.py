@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -16,18 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from conftest import ROOT, Daemon, free_port
+from conftest import ROOT, Daemon, free_port, http_request, wait_until
 
 
 def request(daemon: Daemon, method: str, path: str, body: Any = None,
             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=120)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+    status, _, data = http_request(daemon.port, method, path, body, headers, timeout=120)
+    return status, data
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -174,6 +168,7 @@ def test_a_request_cannot_forge_a_log_line(daemon: Any) -> None:
     server = daemon()
     request(server, "GET", FORGED)
     request(server, "PUT", "/files/evil%0D%0AFORGED2.txt", b"x", {"X-Client-Id": "desk"})
+    wait_until(lambda: "FORGED2" in server.log(), "the access log line")   # written after the answer
     log = server.log()
     assert not [line for line in log.split("\n") if line.startswith(("2026-12-01 21:48:55",
                                                                        "FORGED"))]
@@ -188,6 +183,7 @@ def test_line_separators_cannot_split_a_journal_entry(daemon: Any, tmp_path: Pat
     status = os.stat(log_path)
     server = daemon(port=port, env={"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"})
     request(server, "GET", "/x%E2%80%A8<3>syncd:%20FORGED%E2%80%A9<2>FORGED")
+    wait_until(lambda: "FORGED" in server.log(), "the access log line")
     lines = server.log().splitlines()        # splits on U+2028 too, as a journal reader may
     assert lines and all(re.match(r"<[0-7]>syncd", line) for line in lines), lines
     assert any("\\u2028<3>syncd: FORGED\\u2029<2>FORGED" in line for line in lines)
