@@ -111,9 +111,10 @@ WS_CLOSE_OVERFLOW = 4002
 WS_CLOSE_GOING_AWAY = 1001
 STATUS_INTERVAL = 10.0          # seconds between STATUS= updates to systemd
 HEALTH_CHECK_INTERVAL = 1.0     # /health asks the database at most this often
-FD_RESERVE = 64                 # descriptors kept for the database, walks and accept bursts
+FD_RESERVE = 64                 # descriptors kept for the database, the walks, stdio and logs
 LISTEN_BACKLOG = 100            # asyncio's default; it also accepts this many per loop turn
-ACCEPTS_IN_FLIGHT = 4 * LISTEN_BACKLOG   # accepted, not yet refused and closed (measured: 3)
+ACCEPTS_IN_FLIGHT = 4 * LISTEN_BACKLOG   # accepted but not yet closed: a refused connection
+                                # is closed a few loop turns after its accept
 CAP_WARNING_INTERVAL = 60.0     # seconds between two "refusing connections" warnings
 WS_CLOSE_TIMEOUT = 2.0
 WS_CLOSE_POLICY = 1008          # a client sending faster than WS_MESSAGE_RATE
@@ -2463,16 +2464,16 @@ async def delete_files(state: State, path: str, client_id: str,
             if pre.is_set():
                 raise ApiError(409, "conflict", f"{path} is a folder: a precondition "
                                "applies to a single file", {"server": None})
-        removals = await delete_batch(state, tx, targets[:DELETE_BATCH], client_id)
-    deleted, last_seq = len(removals[1]), tx.last_seq
-    await finish_delete_batch(state, removals[0], len(removals[1]))
+        parked, tombs = await delete_batch(state, tx, targets[:DELETE_BATCH], client_id)
+    deleted, last_seq = len(tombs), tx.last_seq
+    await finish_delete_batch(state, parked, len(tombs))
     for start in range(DELETE_BATCH, len(targets), DELETE_BATCH):
         async with state.store.transaction() as tx:
             batch = [target for target in targets[start:start + DELETE_BATCH]
                      if await tx.get(target.path) == target]
-            removals = await delete_batch(state, tx, batch, client_id)
-        deleted, last_seq = deleted + len(removals[1]), tx.last_seq or last_seq
-        await finish_delete_batch(state, removals[0], len(removals[1]))
+            parked, tombs = await delete_batch(state, tx, batch, client_id)
+        deleted, last_seq = deleted + len(tombs), tx.last_seq or last_seq
+        await finish_delete_batch(state, parked, len(tombs))
     log.info("deleted %s (%d file(s), revision %d) for %s", path, deleted, last_seq, client_id)
     return deleted, last_seq
 
