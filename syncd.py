@@ -116,6 +116,7 @@ LISTEN_BACKLOG = 100            # asyncio's default; it also accepts this many p
 ACCEPTS_IN_FLIGHT = 4 * LISTEN_BACKLOG   # accepted but not yet closed: a refused connection
                                 # is closed a few loop turns after its accept
 CAP_WARNING_INTERVAL = 60.0     # seconds between two "refusing connections" warnings
+FEW_CONNECTIONS = 1000          # a connection cap below this is worth a warning at start
 WS_CLOSE_TIMEOUT = 2.0
 WS_CLOSE_POLICY = 1008          # a client sending faster than WS_MESSAGE_RATE
 WS_MESSAGE_RATE = 20.0          # messages a second a client may send, on average...
@@ -3595,10 +3596,11 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
     try:
         descriptors = raise_descriptor_limit()
         cap = connection_cap(config.max_connections, descriptors)
-        if cap < config.max_connections:
-            log.warning("max_connections is %d, but %d open files are allowed: serving at most "
-                        "%d connections (raise LimitNOFILE or ulimit -n)",
-                        config.max_connections, descriptors, cap)
+        if cap < config.max_connections:    # a warning only when it is few for a server
+            log.log(logging.WARNING if cap < FEW_CONNECTIONS else logging.INFO,
+                    "max_connections is %d, but %d open files are allowed: serving at most "
+                    "%d connections (raise LimitNOFILE or ulimit -n)",
+                    config.max_connections, descriptors, cap)
         try:
             listener = await loop.create_server(
                 ConnectionCap(runner.server, cap), config.host, config.port,  # type: ignore[arg-type]
