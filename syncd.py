@@ -1689,6 +1689,7 @@ class Recovery:
 
     report: RecoveryReport
     suspects: list[tuple[str, FileRecord | None]]     # path, and its record (or tombstone) then
+    pending: set[str] = field(default_factory=set)    # live records not yet checked: stale?
 
 
 async def recover(store: MetadataStore, files: FileStore, accept_deletions: bool) -> Recovery:
@@ -1714,12 +1715,13 @@ async def recover(store: MetadataStore, files: FileStore, accept_deletions: bool
                 if path not in live or (live[path].size, live[path].mtime_ns)
                 != (status.st_size, status.st_mtime_ns)]
     report.unchanged = len(scan.found) - len(suspects)
+    pending = {path for path, record in suspects if record is not None and not record.deleted}
     if missing:
         async with store.transaction() as tx:
             for record in missing:
                 await tx.record_delete(record, SERVER_CLIENT_ID)
         report.vanished = len(missing)
-    return Recovery(report, suspects)
+    return Recovery(report, suspects, pending)
 
 
 def hash_for_recovery(files: FileStore, path: str) -> tuple[str, os.stat_result] | None | OSError:
@@ -1743,29 +1745,40 @@ async def rehash_suspects(store: MetadataStore, files: FileStore, recovery: Reco
         batch = recovery.suspects[start:start + RECOVERY_BATCH]
         hashed = await asyncio.to_thread(
             lambda items: [hash_for_recovery(files, path) for path, _ in items], batch)
-        async with store.transaction() as tx:
-            for (path, old), result in zip(batch, hashed, strict=True):
-                if isinstance(result, OSError):
-                    report.unreadable.append(path)
-                    continue
-                if result is None:
-                    report.skipped.append(path)
-                    continue
-                if await tx.get(path) != old:
-                    continue                       # written by a client since the scan
-                checksum, status = result
-                if old is not None and not old.deleted and old.checksum == checksum:
-                    await tx.record_mtime(path, status.st_mtime_ns)
-                    report.touched += 1
-                    continue
-                record = await tx.record_upsert(path, checksum, status.st_size, status.st_mtime,
-                                                SERVER_CLIENT_ID, status.st_mtime_ns)
-                tx.after_commit.append(lambda record=record: announce(record))
-                if old is None or old.deleted:
-                    report.added += 1
-                else:
-                    report.modified += 1
+        try:
+            await journal_rehashed(store, batch, hashed, report, announce)
+        finally:
+            recovery.pending.difference_update(path for path, _ in batch)
     return report
+
+
+async def journal_rehashed(store: MetadataStore, batch: Sequence[tuple[str, FileRecord | None]],
+                           hashed: Sequence[tuple[str, os.stat_result] | None | OSError],
+                           report: RecoveryReport,
+                           announce: Callable[[FileRecord], None]) -> None:
+    """Commit one batch of rehashed files (see rehash_suspects)."""
+    async with store.transaction() as tx:
+        for (path, old), result in zip(batch, hashed, strict=True):
+            if isinstance(result, OSError):
+                report.unreadable.append(path)
+                continue
+            if result is None:
+                report.skipped.append(path)
+                continue
+            if await tx.get(path) != old:
+                continue                       # written by a client since the scan
+            checksum, status = result
+            if old is not None and not old.deleted and old.checksum == checksum:
+                await tx.record_mtime(path, status.st_mtime_ns)
+                report.touched += 1
+                continue
+            record = await tx.record_upsert(path, checksum, status.st_size, status.st_mtime,
+                                            SERVER_CLIENT_ID, status.st_mtime_ns)
+            tx.after_commit.append(lambda record=record: announce(record))
+            if old is None or old.deleted:
+                report.added += 1
+            else:
+                report.modified += 1
 
 
 # ===========================================================================
@@ -2148,6 +2161,7 @@ class State:
     stopping: bool = False
     accept_deletions: bool = False
     recovery: asyncio.Task[None] | None = None    # the background half of start-up recovery
+    rehashing: set[str] = field(default_factory=set)   # paths whose record may be stale
     sync_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_SLOTS))
 
 
@@ -2555,6 +2569,9 @@ async def open_for_download(state: State, path: str) -> tuple[Any, FileRecord]:
     we opened the file, the two belong together; otherwise we do both again
     under the lock. Once open, a later upload replaces the name, not our bytes.
     """
+    if path in state.rehashing:
+        raise ApiError(503, "storage_unavailable", f"{path} changed on disk while the server was "
+                       "stopped and is being checked; retry shortly", headers={"Retry-After": "5"})
     store = state.store
     before = store.finished_transactions
     if not store.lock.locked():
@@ -3268,6 +3285,7 @@ async def storage_context(app: web.Application) -> AsyncIterator[None]:
         await state.store.close()
         raise
     state.hub.start()
+    state.rehashing = recovery.pending
     state.recovery = asyncio.get_running_loop().create_task(
         finish_recovery(state, recovery, removed))
     log.info("serving %s (epoch %s, cursor %d)", root.resolve(), state.store.epoch,
@@ -3297,6 +3315,8 @@ async def finish_recovery(state: State, recovery: Recovery, removed: int) -> Non
     except (OSError, sqlite3.Error) as exc:
         log.error("recovery stopped: %s; the files not yet hashed are served as recorded", exc)
         return
+    finally:
+        recovery.pending.clear()
     log.info("recovery: %s; %d temp file(s) removed", report.summary(), removed)
     for kind, paths, why in (
             ("cannot be served", report.skipped,

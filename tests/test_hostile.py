@@ -293,3 +293,32 @@ async def test_a_client_write_during_the_rehash_wins(app_client: Any, data_dir: 
     with sqlite3.connect(data_dir / ".syncd" / "syncd.db") as db:
         assert db.execute("SELECT checksum FROM files WHERE path = 'doc.txt'").fetchone() == (
             sha(b"v2 from a client"),)
+
+
+async def test_a_file_changed_behind_our_back_is_503_until_rehashed(app_client: Any,
+                                                                   data_dir: Path,
+                                                                   monkeypatch: Any) -> None:
+    client = await app_client()
+    await put(client, "doc.txt", b"as recorded")
+    await put(client, "other.txt", b"untouched")
+    await client.close()
+    (data_dir / "doc.txt").write_bytes(b"edited while syncd was stopped")
+    release = asyncio.Event()
+    real = syncd.hash_for_recovery
+    loop = asyncio.get_running_loop()
+
+    def slow(files: Any, path: str) -> Any:
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=30)
+        return real(files, path)
+    monkeypatch.setattr(syncd, "hash_for_recovery", slow)
+    client = await app_client()
+    response = await client.get("/download/doc.txt")     # never new bytes with the old ETag
+    assert response.status == 503 and response.headers["Retry-After"] == "5"
+    assert (await response.json())["error"] == "storage_unavailable"
+    assert (await client.get("/download/other.txt")).status == 200
+    release.set()
+    await recovered(client)
+    response = await client.get("/download/doc.txt")
+    assert response.status == 200 and await response.read() == b"edited while syncd was stopped"
+    assert response.headers["ETag"] == f'"{sha(b"edited while syncd was stopped")}"'
+    assert client.server.app[syncd.STATE].rehashing == set()
