@@ -239,6 +239,24 @@ async def test_an_old_world_readable_state_folder_is_made_private(app_client: An
     assert stat.S_IMODE(os.stat(data_dir / ".syncd").st_mode) == 0o700
 
 
+def hold_rehash(monkeypatch: pytest.MonkeyPatch, before: bool) -> asyncio.Event:
+    """Make the background rehash wait, before or after hashing each file, until the
+    returned event is set (from the test's loop)."""
+    release = asyncio.Event()
+    real = syncd.hash_for_recovery
+    loop = asyncio.get_running_loop()
+
+    def held(files: Any, path: str) -> Any:
+        if before:
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=30)
+        result = real(files, path)
+        if not before:
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=30)
+        return result
+    monkeypatch.setattr(syncd, "hash_for_recovery", held)
+    return release
+
+
 async def test_big_changed_file_is_hashed_after_the_server_listens(app_client: Any,
                                                                   data_dir: Path,
                                                                   monkeypatch: Any) -> None:
@@ -246,14 +264,7 @@ async def test_big_changed_file_is_hashed_after_the_server_listens(app_client: A
     await put(client, "small.txt", b"s")
     await client.close()
     (data_dir / "big.bin").write_bytes(b"b" * 1000)
-    release = asyncio.Event()
-    real = syncd.hash_for_recovery
-    loop = asyncio.get_running_loop()
-
-    def slow(files: Any, path: str) -> Any:
-        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=30)
-        return real(files, path)
-    monkeypatch.setattr(syncd, "hash_for_recovery", slow)
+    release = hold_rehash(monkeypatch, before=True)
     client = await app_client()                # serves while big.bin is still being hashed
     assert (await client.get("/health")).status == 200
     assert (await client.get("/download/small.txt")).status == 200
@@ -274,15 +285,7 @@ async def test_a_client_write_during_the_rehash_wins(app_client: Any, data_dir: 
     await put(client, "doc.txt", b"v1")
     await client.close()
     (data_dir / "doc.txt").write_bytes(b"edited by the admin")
-    release = asyncio.Event()
-    real = syncd.hash_for_recovery
-    loop = asyncio.get_running_loop()
-
-    def slow(files: Any, path: str) -> Any:
-        result = real(files, path)              # hashes the admin's edit...
-        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=30)
-        return result
-    monkeypatch.setattr(syncd, "hash_for_recovery", slow)
+    release = hold_rehash(monkeypatch, before=False)   # hashes the admin's edit, waits
     client = await app_client()
     assert (await put(client, "doc.txt", b"v2 from a client")).status == 200   # ...then this
     release.set()
@@ -303,14 +306,7 @@ async def test_a_file_changed_behind_our_back_is_503_until_rehashed(app_client: 
     await put(client, "other.txt", b"untouched")
     await client.close()
     (data_dir / "doc.txt").write_bytes(b"edited while syncd was stopped")
-    release = asyncio.Event()
-    real = syncd.hash_for_recovery
-    loop = asyncio.get_running_loop()
-
-    def slow(files: Any, path: str) -> Any:
-        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=30)
-        return real(files, path)
-    monkeypatch.setattr(syncd, "hash_for_recovery", slow)
+    release = hold_rehash(monkeypatch, before=True)
     client = await app_client()
     response = await client.get("/download/doc.txt")     # never new bytes with the old ETag
     assert response.status == 503 and response.headers["Retry-After"] == "5"
