@@ -7,6 +7,7 @@ import http.client
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -235,3 +236,78 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             instance.process.kill()
             instance.process.wait(timeout=10)
         instance.log_file.close()
+
+
+# -- reference clients against a real daemon ----------------------------------------
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under folder but the client's state, with its bytes."""
+    found = {}
+    for current, subfolders, names in os.walk(folder):
+        subfolders[:] = [name for name in subfolders if name != ".syncd-client"]
+        for name in names:
+            path = Path(current) / name
+            found[path.relative_to(folder).as_posix()] = path.read_bytes()
+    return found
+
+
+def write(folder: Path, path: str, data: bytes) -> None:
+    target = folder / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+
+
+
+
+class Clients:
+    """Client folders A, B, C against one server."""
+
+    def __init__(self, tmp_path: Path, server: Daemon) -> None:
+        self.tmp_path = tmp_path
+        self.server = server
+        self.live: list[subprocess.Popen[bytes]] = []
+        for name in ("A", "B", "C"):
+            (tmp_path / name).mkdir()
+
+    def folder(self, name: str) -> Path:
+        return self.tmp_path / name
+
+    def command(self, name: str, *extra: str) -> list[str]:
+        return [sys.executable, str(ROOT / "syncd.py"), "client", str(self.folder(name)),
+                "--server", self.server.url, "--client-id", f"device-{name.lower()}", *extra]
+
+    def once(self, name: str, *extra: str, expect: int = 0) -> str:
+        result = subprocess.run(self.command(name, "--once", *extra), capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == expect, result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        log = open(self.tmp_path / f"client-{name}.log", "ab")
+        process = subprocess.Popen(self.command(name), stdout=log, stderr=subprocess.STDOUT)
+        self.live.append(process)
+        wait_until(lambda: "live server=" in self.log(name) or process.poll() is not None,
+                   f"client {name} to go live")
+        assert process.poll() is None, self.log(name)
+        return process
+
+    def log(self, name: str) -> str:
+        path = self.tmp_path / f"client-{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        for process in self.live:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=10)
+
+
+@pytest.fixture
+def clients(tmp_path: Path, daemon: Any) -> Iterator[Clients]:
+    group = Clients(tmp_path, daemon())
+    yield group
+    group.stop()

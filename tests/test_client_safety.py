@@ -13,8 +13,7 @@ import pytest
 from aiohttp import web
 
 import syncd
-from conftest import ROOT, free_port, sha
-from test_client import Clients, clients, tree, write  # noqa: F401 (clients: a fixture)
+from conftest import ROOT, Clients, free_port, sha, tree, write
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 

@@ -236,18 +236,25 @@ def raw_ws_connect(port: int, path: str) -> socket.socket:
     return sock
 
 
+async def slow_link(client: Any, client_id: str) -> tuple[socket.socket, Any]:
+    """A raw WebSocket that is never read, and its hub connection, over a slow link: a
+    small server-side send buffer (no autotuning) fills up at once."""
+    sock = await asyncio.to_thread(raw_ws_connect, client.port, f"/ws/{client_id}")
+    hub = client.app[syncd.STATE].hub
+    for _ in range(100):
+        if client_id in hub.connections:
+            break
+        await asyncio.sleep(0.02)
+    conn = hub.connections[client_id]
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return sock, conn
+
+
 async def test_a_client_that_never_reads_does_not_delay_others(app_client: Any) -> None:
     # heartbeat_timeout: how long a client closed for overflow gets to read its close frame
     client = await app_client(ws_queue_size=50, heartbeat_interval=1.0, heartbeat_timeout=3.0)
-    stuck = await asyncio.to_thread(raw_ws_connect, client.port, "/ws/stuck")
+    stuck, _ = await slow_link(client, "stuck")
     hub = client.app[syncd.STATE].hub
-    for _ in range(100):
-        if "stuck" in hub.connections:
-            break
-        await asyncio.sleep(0.02)
-    # A slow link: a small server-side send buffer (no autotuning) fills up at once.
-    server_socket = hub.connections["stuck"].transport.get_extra_info("socket")
-    server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     try:
         async with client.ws_connect("/ws/desk") as desk:
             await hello(desk)
@@ -323,14 +330,8 @@ def read_frames(sock: socket.socket, deadline: float) -> list[tuple[int, bytes]]
 
 async def test_a_slow_client_gets_its_4002_behind_what_was_buffered(app_client: Any) -> None:
     client = await app_client(ws_queue_size=5)
-    slow = await asyncio.to_thread(raw_ws_connect, client.port, "/ws/slow")
+    slow, conn = await slow_link(client, "slow")
     hub = client.app[syncd.STATE].hub
-    for _ in range(100):
-        if "slow" in hub.connections:
-            break
-        await asyncio.sleep(0.02)
-    conn = hub.connections["slow"]
-    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     for seq in range(1, 200):
         hub.publish({"type": "file_changed", "seq": seq, "pad": "p" * 8000})
         await asyncio.sleep(0)
