@@ -33,6 +33,7 @@ Security
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import concurrent.futures
@@ -61,7 +62,7 @@ import time
 import tomllib
 import unicodedata
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from email.utils import formatdate
 from pathlib import Path
@@ -73,6 +74,9 @@ import aiosqlite
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram,
+                               ProcessCollector, generate_latest)
+from prometheus_client.core import GaugeMetricFamily
 from yarl import URL      # aiohttp's own URL type: lets the client send a path encoded once
 
 __version__ = "0.1.0"
@@ -135,30 +139,43 @@ class ConfigError(Exception):
     """A setting is invalid; the message names the key and where it came from."""
 
 
+def setting(default: Any, help_text: str) -> Any:
+    """A Config field with the help text its flag shows."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class Config:
     """The daemon's settings, after syncd.toml, SYNCD_* and flags were merged."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    sync_directory: str = "./sync_data"
-    max_file_size: int = 100_000_000
-    allowed_extensions: tuple[str, ...] = ()
-    allow_case_clash: bool = False
-    api_key: str | None = None
-    api_key_file: str | None = None
-    heartbeat_interval: float = 30.0
-    heartbeat_timeout: float = 90.0
-    shutdown_timeout: float = 30.0
-    log_level: str = "info"
-    ws_queue_size: int = 1000
-    metrics_public: bool = False
-    max_websocket_clients: int = 10000
-    upload_idle_timeout: float = 60.0
-    header_timeout: float = 60.0
-    allowed_origins: tuple[str, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()
-    max_connections: int = 16384
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = setting(8000, "TCP port to listen on")
+    sync_directory: str = setting("./sync_data", "the tree of plain files to serve; "
+                                  "the server's own state is in its .syncd/")
+    max_file_size: int = setting(100_000_000, "the largest file accepted, e.g. 100MB or 1GiB")
+    allowed_extensions: tuple[str, ...] = setting((), 'accept only these extensions, e.g. '
+                                                  '".txt,.md" (empty: every file)')
+    allow_case_clash: bool = setting(False, "allow paths that differ from a live one only "
+                                     "by letter case")
+    api_key: str | None = setting(None, "the key every endpoint but /health requires "
+                                  "(prefer --api-key-file)")
+    api_key_file: str | None = setting(None, "a file holding only the API key")
+    heartbeat_interval: float = setting(30.0, "seconds between WebSocket pings")
+    heartbeat_timeout: float = setting(90.0, "close a WebSocket client silent this many seconds")
+    shutdown_timeout: float = setting(30.0, "seconds in-flight requests get to finish on SIGTERM")
+    log_level: str = setting("info", "debug, info, warning, error or critical")
+    ws_queue_size: int = setting(1000, "events that may wait for one slow WebSocket client")
+    metrics_public: bool = setting(False, "serve GET /metrics without the API key")
+    max_websocket_clients: int = setting(10000, "WebSocket clients at once")
+    upload_idle_timeout: float = setting(60.0, "408 for a request body silent this many seconds")
+    header_timeout: float = setting(60.0, "close a connection whose request header takes "
+                                    "longer than this many seconds")
+    allowed_origins: tuple[str, ...] = setting((), "browser origins to accept besides the "
+                                               'server\'s own, e.g. "https://sync.example.com"')
+    allowed_hosts: tuple[str, ...] = setting((), "host names served without api_key besides "
+                                             'IP addresses and localhost, e.g. "nas.lan"')
+    max_connections: int = setting(16384, "connections at once (fewer if the open-file "
+                                   "limit is low)")
 
 
 # Settings a SIGHUP cannot change: they need a restart.
@@ -552,61 +569,203 @@ def set_log_level(level: str) -> None:
 
 
 # ===========================================================================
+# Background tasks
+# ===========================================================================
+
+class Background:
+    """Tasks that run on their own: each is held until it is done (asyncio keeps only a
+    weak reference to a task), and all of them can be awaited or cancelled at shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def spawn(self, work: Awaitable[T]) -> asyncio.Future[T]:
+        """Start work in a task of its own."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def shielded(self, work: Awaitable[T]) -> T:
+        """Await work, which goes on to its end even if the caller is cancelled meanwhile
+        (a client that goes away must not stop a write between its rename and its COMMIT)."""
+        return await asyncio.shield(self.spawn(work))
+
+    async def wait(self) -> None:
+        """Wait for every task to end (their errors are theirs: none is raised here)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def cancel(self) -> None:
+        """Cancel every task and wait for them to end."""
+        for task in list(self._tasks):
+            task.cancel()
+        await self.wait()
+
+
+# ===========================================================================
 # Errors and paths
 # ===========================================================================
 
-class ApiError(Exception):
-    """An error answered to the client as {"error": code, "message": ...}."""
+class Refused(Exception):
+    """A request refused in the contract's words: the storage and the tree raise these,
+    and the HTTP layer alone picks a status for them (error_middleware)."""
 
-    def __init__(self, status: int, code: str, message: str,
-                 extra: Mapping[str, Any] | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.status = status
-        self.code = code
         self.message = message
-        self.extra = dict(extra or {})
-        self.headers = dict(headers or {})
 
 
-def invalid_request(message: str) -> ApiError:
+class InvalidRequest(Refused):
+    """A field, header or body that does not follow the contract."""
+
+    code = "invalid_request"
+
+
+class InvalidPath(InvalidRequest):
+    """A path that breaks the contract's rules (SPEC "Paths")."""
+
+    code = "invalid_path"
+
+
+class ChecksumMismatch(InvalidRequest):
+    """The bytes received do not hash to the checksum the client sent."""
+
+    code = "checksum_mismatch"
+
+
+class NotFound(Refused):
+    """Nothing live (or kept) at the path."""
+
+    code = "not_found"
+
+
+class Conflict(Refused):
+    """The client's belief about a path is stale, or the path is taken; server is the
+    path's live record (None when there is none)."""
+
+    code = "conflict"
+
+    def __init__(self, message: str, server: FileRecord | None) -> None:
+        super().__init__(message)
+        self.server = server
+
+
+class PathBlocked(Conflict):
+    """A file stands where a folder must go, or a folder where a file must go."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"cannot write {path}: {why}", None)
+
+
+class CaseConflict(Refused):
+    """A path differs from a live one only by letter case."""
+
+    code = "case_conflict"
+
+    def __init__(self, own: str, other: str) -> None:
+        super().__init__(f"{own} differs from {other} only by letter case")
+
+
+class PreconditionFailed(Refused):
+    """If-Match / If-None-Match does not hold; server as for Conflict."""
+
+    code = "precondition_failed"
+
+    def __init__(self, message: str, server: FileRecord | None) -> None:
+        super().__init__(message)
+        self.server = server
+
+
+class TooLarge(Refused):
+    """A file or a request body over its limit."""
+
+    code = "too_large"
+
+
+class ExtensionNotAllowed(Refused):
+    """allowed_extensions is set and the file's name is not in it."""
+
+    code = "extension_not_allowed"
+
+
+class StorageFull(Refused):
+    """The disk or the database is full; nothing was changed."""
+
+    code = "insufficient_storage"
+
+    def __init__(self, message: str = "the server's disk is full; nothing was changed") -> None:
+        super().__init__(message)
+
+
+class StorageFailing(Refused):
+    """The disk or the database is read-only, failing, or busy; retry_after: seconds to
+    suggest, when waiting is known to help."""
+
+    code = "storage_unavailable"
+
+    def __init__(self, message: str = "the server's storage is read-only or failing; "
+                 "nothing was changed", retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StorageUnusable(Exception):
+    """The tree or its database cannot be opened at start-up."""
+
+
+def invalid_request(message: str) -> InvalidRequest:
     """400 invalid_request."""
-    return ApiError(400, "invalid_request", message)
+    return InvalidRequest(message)
 
 
-def invalid_path(message: str) -> ApiError:
-    """400 invalid_path."""
-    return ApiError(400, "invalid_path", message)
-
-
-def validate_path(raw: str) -> str:
-    """The NFC form of a client path, or ApiError invalid_path (see SPEC "Paths")."""
-    path = unicodedata.normalize("NFC", raw)
+def path_problem(path: str) -> str | None:
+    """Why an NFC path breaks the contract's rules (SPEC "Paths"), or None when it is valid."""
     if not path:
-        raise invalid_path("the path is empty")
+        return "the path is empty"
     try:
         encoded = path.encode("utf-8")
     except UnicodeEncodeError:
-        raise invalid_path("the path is not valid UTF-8") from None
+        return "the path is not valid UTF-8"
     if path.startswith("/"):
-        raise invalid_path("the path must be relative (it starts with /)")
+        return "the path must be relative (it starts with /)"
     if "\\" in path:
-        raise invalid_path("the path contains a backslash")
+        return "the path contains a backslash"
     if CONTROL_RE.search(path):
-        raise invalid_path("the path contains a control character")
+        return "the path contains a control character"
     if len(encoded) > MAX_PATH_BYTES:
-        raise invalid_path(f"the path is longer than {MAX_PATH_BYTES} bytes")
+        return f"the path is longer than {MAX_PATH_BYTES} bytes"
     # "" "." ".." segments, found by substring search rather than a loop over segments
     framed = f"/{path}/"
     if "//" in framed or "/./" in framed or "/../" in framed:
-        raise invalid_path("the path has an empty, '.' or '..' segment")
+        return "the path has an empty, '.' or '..' segment"
     if len(encoded) > MAX_SEGMENT_BYTES and any(
             len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES for segment in path.split("/")):
-        raise invalid_path(f"a name in the path is longer than {MAX_SEGMENT_BYTES} bytes")
+        return f"a name in the path is longer than {MAX_SEGMENT_BYTES} bytes"
     first = path.partition("/")[0]
     if first.casefold() in RESERVED_NAMES:
-        raise invalid_path(f"{first}/ is reserved (the server's and its clients' own state)")
+        return f"{first}/ is reserved (the server's and its clients' own state)"
+    return None
+
+
+def validate_path(raw: str) -> str:
+    """The NFC form of a client path, or InvalidPath."""
+    path = unicodedata.normalize("NFC", raw)
+    problem = path_problem(path)
+    if problem is not None:
+        raise InvalidPath(problem)
     return path
+
+
+def is_stored_form(path: str) -> bool:
+    """Whether a name found on disk, or sent by a server, is a valid path exactly as it is
+    (the server stores NFC paths only; start-up recovery and the client share this)."""
+    return unicodedata.is_normalized("NFC", path) and path_problem(path) is None
 
 
 def fold_path(path: str) -> str:
@@ -672,7 +831,7 @@ def parse_time_text(text: str) -> float:
 
 
 # ===========================================================================
-# Metadata store (SQLite): the schema and every query
+# Metadata store: the interface, and SQLite's schema and every query
 # ===========================================================================
 
 class FileRecord(NamedTuple):
@@ -731,6 +890,129 @@ class ClientRecord:
     last_seen: float
 
 
+def folder_range(prefix: str) -> tuple[str, str]:
+    """Bounds such that lower <= p < upper holds exactly for the paths under prefix/."""
+    return prefix + "/", prefix + "0"   # "0" is the character after "/"
+
+
+class Transaction(abc.ABC):
+    """One atomic change of the metadata, as the tree sees it.
+
+    undo hooks run (newest first) when it fails, after the rollback: they put
+    the disk back as the database was.  after_commit hooks run once it is
+    durable, still in commit order (announcements leave in seq order).
+    """
+
+    def __init__(self) -> None:
+        self.undo: list[Callable[[], None]] = []
+        self.after_commit: list[Callable[[], None]] = []
+        self.last_seq = 0
+        self.live_files = 0      # what this transaction adds to the live totals, once committed
+        self.live_bytes = 0
+
+    @abc.abstractmethod
+    async def get(self, path: str) -> FileRecord | None:
+        """The path's record (live or tombstone), as this transaction sees it."""
+
+    @abc.abstractmethod
+    async def live_under(self, folder: str) -> list[FileRecord]:
+        """Every live file below folder/, sorted by path."""
+
+    @abc.abstractmethod
+    async def check_writable(self, path: str, allow_case_clash: bool) -> None:
+        """PathBlocked or CaseConflict when path cannot be written next to the live files."""
+
+    @abc.abstractmethod
+    async def record_upsert(self, path: str, checksum: str, size: int, modified_time: float,
+                            client_id: str, mtime_ns: int) -> FileRecord:
+        """Journal a new version of path and make it the live file."""
+
+    @abc.abstractmethod
+    async def record_mtime(self, path: str, mtime_ns: int) -> None:
+        """Note a new mtime for unchanged bytes (touched behind our back): no change to journal."""
+
+    @abc.abstractmethod
+    async def record_delete(self, live: FileRecord, client_id: str) -> FileRecord:
+        """Journal the deletion of a live file and leave its tombstone."""
+
+    def _count(self, before: FileRecord | None, after: FileRecord | None) -> None:
+        """Note how a change of one path moves the live totals."""
+        for record, sign in ((before, -1), (after, 1)):
+            if record is not None and not record.deleted:
+                self.live_files += sign
+                self.live_bytes += sign * record.size
+
+
+class MetadataStore(abc.ABC):
+    """What the tree needs of a metadata backend: files, tombstones, the journal, the
+    clients and the epoch.  SQLiteStore is the default; a second backend is a second
+    subclass, never a branch in the tree.
+
+    cursor, epoch and the live totals are kept in memory (updated per commit):
+    /health and /metrics must not query for them.
+    """
+
+    errors: tuple[type[BaseException], ...] = ()   # what its driver raises
+
+    def __init__(self) -> None:
+        self.cursor = 0
+        self.epoch = ""
+        self.live_files = 0
+        self.live_bytes = 0
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect (creating the schema if needed), and load the epoch, cursor and totals."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close every connection (an open one may keep the process from exiting)."""
+
+    @abc.abstractmethod
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
+        """One write transaction at a time; rolled back, with its undo hooks run, on any failure."""
+
+    @abc.abstractmethod
+    async def get(self, path: str) -> FileRecord | None:
+        """The path's committed record (live or tombstone)."""
+
+    @abc.abstractmethod
+    async def snapshot(self) -> tuple[dict[str, FileRecord], int]:
+        """Every record (live and tombstones) and the cursor, as of one moment."""
+
+    @abc.abstractmethod
+    async def list_live(self, prefix: str) -> tuple[list[FileRecord], int]:
+        """Live files whose path starts with prefix, sorted, and the cursor."""
+
+    @abc.abstractmethod
+    async def changes_since(self, since: int, limit: int) -> tuple[list[Change], int, bool]:
+        """Journal entries with seq > since (at most limit), the cursor, and whether more wait."""
+
+    @abc.abstractmethod
+    async def register_client(self, client_id: str, name: str | None,
+                              platform: str | None, version: str | None) -> bool:
+        """Store or refresh a client; True when it is new."""
+
+    @abc.abstractmethod
+    async def touch_client(self, client_id: str) -> None:
+        """Note that a registered client was seen now."""
+
+    @abc.abstractmethod
+    async def list_clients(self) -> list[ClientRecord]:
+        """Every registered client, by id."""
+
+    @abc.abstractmethod
+    async def check(self) -> None:
+        """Raise if the database cannot answer a query (cheap: /health calls it)."""
+
+    @abc.abstractmethod
+    def failure(self, exc: BaseException) -> Refused | None:
+        """The contract's answer to a database error (full, read-only, failing), or None when
+        exc is not one (a bug, to be answered 500)."""
+
+
+# -- SQLite -------------------------------------------------------------------------
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -772,27 +1054,38 @@ CREATE TABLE IF NOT EXISTS clients (
 FILE_COLUMNS = "path, checksum, size, modified_time, revision, deleted, time, client_id, mtime_ns"
 CHANGE_COLUMNS = "seq, type, path, checksum, size, modified_time, client_id, time"
 
+# SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xff) that mean the
+# storage, not the query, is at fault.
+SQLITE_FULL_CODES = frozenset({sqlite3.SQLITE_FULL})
+SQLITE_FAILING_CODES = frozenset({
+    sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CORRUPT,
+    sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_PERM})
+
 
 def file_record(row: Sequence[Any]) -> FileRecord:
     """A FileRecord from a row of FILE_COLUMNS."""
     return FileRecord._make(row)     # deleted stays SQLite's 0 or 1: only its truth is used
 
 
-def folder_range(prefix: str) -> tuple[str, str]:
-    """Bounds such that lower <= p < upper holds exactly for the paths under prefix/."""
-    return prefix + "/", prefix + "0"   # "0" is the character after "/"
+def sqlite_failure(exc: BaseException) -> Refused | None:
+    """StorageFull or StorageFailing for an SQLite error of the storage, by its result code."""
+    code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
+    if code is None:
+        return None
+    if code & 0xFF in SQLITE_FULL_CODES:
+        return StorageFull()
+    if code & 0xFF in SQLITE_FAILING_CODES:
+        return StorageFailing()
+    return None
 
 
-class Transaction:
-    """One BEGIN IMMEDIATE ... COMMIT on the writer connection, with undo and after-commit hooks."""
+class SQLiteTransaction(Transaction):
+    """BEGIN IMMEDIATE ... COMMIT on the writer connection."""
 
     def __init__(self, db: aiosqlite.Connection) -> None:
+        super().__init__()
         self.db = db
-        self.undo: list[Callable[[], None]] = []
-        self.after_commit: list[Callable[[], None]] = []
-        self.last_seq = 0
-        self.live_files = 0      # what this transaction adds to the live totals, once committed
-        self.live_bytes = 0
         self._seen: dict[str, FileRecord | None] = {}
 
     async def get(self, path: str) -> FileRecord | None:
@@ -803,11 +1096,7 @@ class Transaction:
         return record
 
     def _count(self, before: FileRecord | None, after: FileRecord | None) -> None:
-        """Note how a change of one path moves the live totals."""
-        for record, sign in ((before, -1), (after, 1)):
-            if record is not None and not record.deleted:
-                self.live_files += sign
-                self.live_bytes += sign * record.size
+        super()._count(before, after)
         self._seen[(after or before).path] = after      # type: ignore[union-attr]
 
     async def live_under(self, folder: str) -> list[FileRecord]:
@@ -818,8 +1107,8 @@ class Transaction:
             " ORDER BY path", (lower, upper))
         return [file_record(row) for row in rows]
 
-    async def find_blocker(self, path: str, allow_case_clash: bool) -> ApiError | None:
-        """Why path cannot be written next to the live files, or None.
+    async def check_writable(self, path: str, allow_case_clash: bool) -> None:
+        """PathBlocked or CaseConflict when path cannot be written next to the live files.
 
         A live file where one of its folders must go, or a live folder where it
         must go, makes a 409 conflict; a file or folder that differs from one
@@ -848,15 +1137,14 @@ class Transaction:
             own = "/".join(segments[:depth])
             other, twin = found.get(f"other{depth}"), found.get(f"twin{depth}")
             if depth < len(segments) and other == own:
-                return path_blocked(path, f"{own} is a file, not a folder")
+                raise PathBlocked(path, f"{own} is a file, not a folder")
             if depth == len(segments) and other and other.startswith(own + "/"):
-                return path_blocked(path, f"{own} is a folder on the server")
+                raise PathBlocked(path, f"{own} is a folder on the server")
             if allow_case_clash:
                 continue
             clash = other or twin
             if clash:
-                return case_conflict(own, "/".join(clash.split("/")[:depth]))
-        return None
+                raise CaseConflict(own, "/".join(clash.split("/")[:depth]))
 
     async def _first_live_each(self, queries: Sequence[tuple[str, str, list[Any]]]) -> dict[str, str]:
         """For each (key, condition, params): the first live path that meets it, if any."""
@@ -915,33 +1203,21 @@ class Transaction:
         return tomb
 
 
-def path_blocked(path: str, why: str) -> ApiError:
-    """409 conflict: a file stands where a folder must go, or the other way round."""
-    return ApiError(409, "conflict", f"cannot write {path}: {why}", {"server": None})
-
-
-def case_conflict(own: str, other: str) -> ApiError:
-    """409 case_conflict: own and a live other differ only by letter case."""
-    return ApiError(409, "case_conflict", f"{own} differs from {other} only by letter case")
-
-
-class MetadataStore:
-    """The SQLite database: one writer connection behind a lock, one reader.
+class SQLiteStore(MetadataStore):
+    """The inline SQLite database in .syncd/: one writer connection behind a lock, one reader.
 
     Writes go through transaction(), one at a time.  Reads use a second
     connection, so that they see only committed state, never a write
     transaction half-way through (WAL lets both run at once).
     """
 
+    errors = (sqlite3.Error,)
+
     def __init__(self, db_path: Path) -> None:
+        super().__init__()
         self.db_path = db_path
-        self.lock = asyncio.Lock()
-        self.finished_transactions = 0     # lets a download see that no write came between
+        self._lock = asyncio.Lock()        # aiosqlite: one BEGIN ... COMMIT at a time (STYLE.md)
         self._read_lock = asyncio.Lock()   # one multi-statement read transaction at a time
-        self.cursor = 0
-        self.epoch = ""
-        self.live_files = 0        # kept in memory: /health and /metrics must not COUNT(*)
-        self.live_bytes = 0
         self._checked = -math.inf  # when check() last reached the database
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -1017,11 +1293,12 @@ class MetadataStore:
         """BEGIN IMMEDIATE ... COMMIT; on any failure ROLLBACK and run the undo hooks.
 
         After-commit hooks run under the lock, so that announcements leave in
-        seq order.  Callers must not be cancelled half-way: see run_to_completion.
+        seq order.  Callers must not be cancelled half-way: the tree runs its
+        writes with Background.shielded.
         """
         assert self._writer is not None, "the store is not open"
-        async with self.lock:
-            tx = Transaction(self._writer)
+        async with self._lock:
+            tx = SQLiteTransaction(self._writer)
             await self._writer.execute("BEGIN IMMEDIATE")
             try:
                 yield tx
@@ -1035,8 +1312,6 @@ class MetadataStore:
                     except OSError:
                         log.exception("could not undo a file operation after a failed commit")
                 raise
-            finally:
-                self.finished_transactions += 1
             if tx.last_seq:
                 self.cursor = tx.last_seq
             self.live_files += tx.live_files
@@ -1082,6 +1357,7 @@ class MetadataStore:
         """Store or refresh a client; True when it is new."""
         now = time.time()
         async with self.transaction() as tx:
+            assert isinstance(tx, SQLiteTransaction)
             existing = await tx.db.execute_fetchall(
                 "SELECT 1 FROM clients WHERE client_id = ?", (client_id,))
             await tx.db.execute(
@@ -1095,6 +1371,7 @@ class MetadataStore:
     async def touch_client(self, client_id: str) -> None:
         """Note that a registered client was seen now."""
         async with self.transaction() as tx:
+            assert isinstance(tx, SQLiteTransaction)
             await tx.db.execute("UPDATE clients SET last_seen = ? WHERE client_id = ?",
                                 (time.time(), client_id))
 
@@ -1113,14 +1390,14 @@ class MetadataStore:
         await self.reader.execute_fetchall("SELECT 1 FROM meta LIMIT 1")
         self._checked = time.monotonic()
 
+    def failure(self, exc: BaseException) -> Refused | None:
+        """sqlite_failure."""
+        return sqlite_failure(exc)
+
 
 # ===========================================================================
 # File store: temp file, hash, fsync, rename; reads
 # ===========================================================================
-
-class TooLarge(Exception):
-    """The body grew past max_file_size."""
-
 
 class FolderBlocked(Exception):
     """A file (or symlink) stands where the path needs a folder, or a folder where it needs a file."""
@@ -1155,6 +1432,16 @@ class Removal:
 
     path: str
     parked: str            # name in tmp/
+
+
+def file_failure(exc: BaseException) -> Refused | None:
+    """StorageFull or StorageFailing for an error of the disk, by its errno; None for others."""
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StorageFull()
+        if exc.errno in (errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT):
+            return StorageFailing()
+    return None
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -1229,7 +1516,7 @@ class FileStore:
             async for chunk in chunks:
                 staged.size += len(chunk)
                 if staged.size > max_size:
-                    raise TooLarge
+                    raise TooLarge(f"the file exceeds max_file_size ({max_size} bytes)")
                 if writing is not None:
                     await asyncio.wrap_future(writing)
                     writing = None
@@ -1486,13 +1773,8 @@ RECOVERY_BATCH = 500          # files hashed and committed per transaction
 
 
 class MassVanish(Exception):
-    """Most files the database knows are missing from the tree: refuse to tombstone them."""
-
-    def __init__(self, missing: int, known: int, root: Path) -> None:
-        super().__init__(
-            f"refusing to start: {missing} of the {known} files the database knows are missing "
-            f"from {root} (an unmounted disk?); nothing was changed. If they were deleted on "
-            "purpose, start once with --accept-deletions to record the deletions.")
+    """Most of the files known to be there are missing (an unmounted disk or folder?): their
+    deletion is not recorded. Raised by start-up recovery and by the client alike."""
 
 
 @dataclass
@@ -1517,6 +1799,13 @@ class RecoveryReport:
 def is_mass_vanish(missing: int, known: int) -> bool:
     """More than half of the live files gone, two at least: an unmounted disk, not a cleanup."""
     return missing >= 2 and 2 * missing > known
+
+
+def guard_vanished(missing: int, known: int, accept_deletions: bool, refusal: str) -> None:
+    """MassVanish (refusal, formatted with {missing} and {known}) when is_mass_vanish holds
+    and the user did not say --accept-deletions."""
+    if is_mass_vanish(missing, known) and not accept_deletions:
+        raise MassVanish(refusal.format(missing=missing, known=known))
 
 
 @dataclass
@@ -1555,8 +1844,10 @@ class Folder:
 WALK_OPEN_FOLDERS = 64     # descriptors the walk keeps open along its path
 
 
-def scan_tree(root: Path) -> TreeScan:
-    """Every regular file under root but .syncd/, by path, without following symlinks.
+def scan_tree(root: Path, exclude: Callable[[str], bool] | None = None) -> TreeScan:
+    """Every regular file under root but .syncd/ and what exclude(path) names (files and
+    whole folders), by path, without following symlinks. The server's start-up recovery
+    and the client's scans share it.
 
     Iterative, and with descriptors (openat) rather than path names, so that a
     tree 2,048 levels deep or longer than PATH_MAX is walked like any other.
@@ -1567,7 +1858,7 @@ def scan_tree(root: Path) -> TreeScan:
     scan = TreeScan()
     stack = [Folder("", os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))]
     try:
-        list_folder(stack[0], scan)
+        list_folder(stack[0], scan, exclude)
         while stack:
             top = stack[-1]
             if not top.subfolders:
@@ -1589,7 +1880,7 @@ def scan_tree(root: Path) -> TreeScan:
                     scan.unreadable.add(child.path)
                 continue
             stack.append(child)
-            list_folder(child, scan)
+            list_folder(child, scan, exclude)
             if len(stack) > WALK_OPEN_FOLDERS + 1:
                 far = stack[-WALK_OPEN_FOLDERS - 1]
                 if far.fd is not None and far is not stack[0]:
@@ -1602,7 +1893,8 @@ def scan_tree(root: Path) -> TreeScan:
     return scan
 
 
-def list_folder(folder: Folder, scan: TreeScan) -> None:
+def list_folder(folder: Folder, scan: TreeScan,
+                exclude: Callable[[str], bool] | None = None) -> None:
     """Sort one folder's entries into files, subfolders, skipped and unreadable names."""
     assert folder.fd is not None
     prefix = folder.path + "/" if folder.path else ""
@@ -1614,7 +1906,7 @@ def list_folder(folder: Folder, scan: TreeScan) -> None:
         return
     for name in names:
         path = prefix + name
-        if not folder.path and name == STATE_DIR:
+        if (not folder.path and name == STATE_DIR) or (exclude is not None and exclude(path)):
             continue
         try:
             status = os.stat(name, dir_fd=folder.fd, follow_symlinks=False)
@@ -1625,18 +1917,10 @@ def list_folder(folder: Folder, scan: TreeScan) -> None:
             continue
         if stat.S_ISDIR(status.st_mode):
             folder.subfolders.append(name)
-        elif not stat.S_ISREG(status.st_mode) or not is_servable_name(path):
+        elif not stat.S_ISREG(status.st_mode) or not is_stored_form(path):
             scan.skipped.append(path)          # symlinks, FIFOs, sockets, devices, bad names
         else:
             scan.found[path] = status
-
-
-def is_servable_name(path: str) -> bool:
-    """Whether a name found on disk is a valid client path, exactly as stored."""
-    try:
-        return validate_path(path) == path
-    except ApiError:
-        return False
 
 
 def reopen_folder(stack: list[Folder], scan: TreeScan) -> bool:
@@ -1709,8 +1993,10 @@ async def recover(store: MetadataStore, files: FileStore, accept_deletions: bool
     present = set(scan.skipped)
     missing = [record for path, record in live.items()
                if path not in scan.found and path not in present and not scan.hides(path)]
-    if is_mass_vanish(len(missing), len(live)) and not accept_deletions:
-        raise MassVanish(len(missing), len(live), files.root)
+    guard_vanished(len(missing), len(live), accept_deletions, (
+        "refusing to start: {missing} of the {known} files the database knows are missing "
+        f"from {files.root} (an unmounted disk?); nothing was changed. If they were deleted "
+        "on purpose, start once with --accept-deletions to record the deletions."))
     suspects = [(path, records.get(path)) for path, status in sorted(scan.found.items())
                 if path not in live or (live[path].size, live[path].mtime_ns)
                 != (status.st_size, status.st_mtime_ns)]
@@ -1804,7 +2090,7 @@ class ClientEntry(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class Conflict:
+class SyncConflict:
     """A path that both sides changed."""
 
     entry: ClientEntry
@@ -1824,7 +2110,7 @@ class SyncPlan:
     upload: list[str] = field(default_factory=list)
     download: list[FileRecord] = field(default_factory=list)
     delete: list[FileRecord] = field(default_factory=list)
-    conflicts: list[Conflict] = field(default_factory=list)
+    conflicts: list[SyncConflict] = field(default_factory=list)
 
     def to_json(self, epoch: str, cursor: int) -> dict[str, Any]:
         """The contract's SyncResponse."""
@@ -1855,11 +2141,11 @@ def plan_entry(entry: ClientEntry, server: FileRecord | None, plan: SyncPlan) ->
         elif entry.base_checksum == entry.checksum:
             plan.download.append(server)
         else:
-            plan.conflicts.append(Conflict(entry, "both_modified", server))
+            plan.conflicts.append(SyncConflict(entry, "both_modified", server))
     elif entry.modified_time > server.modified_time:         # 6: no state, newer wins
         plan.upload.append(entry.path)
     else:
-        plan.conflicts.append(Conflict(entry, "server_newer", server))
+        plan.conflicts.append(SyncConflict(entry, "server_newer", server))
 
 
 def plan_sync(entries: Sequence[ClientEntry], server: Mapping[str, FileRecord]) -> SyncPlan:
@@ -1922,14 +2208,19 @@ class Hub:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.connections: dict[str, Connection] = {}
-        self._closers: set[asyncio.Task[None]] = set()
+        self._closers = Background()
         self._sweeper: asyncio.Task[None] | None = None
 
     def configure(self, config: Config) -> None:
-        """Take new heartbeat and queue settings (on reload; queues of open sockets keep theirs)."""
+        """Take new heartbeat and queue settings (on reload; queues of open sockets keep
+        theirs); a new heartbeat_interval applies from now, not after the old one ran out."""
         self.queue_size = config.ws_queue_size
-        self.heartbeat_interval = config.heartbeat_interval
         self.heartbeat_timeout = config.heartbeat_timeout
+        if config.heartbeat_interval != self.heartbeat_interval:
+            self.heartbeat_interval = config.heartbeat_interval
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                self.start()
 
     def start(self) -> None:
         """Start pinging clients and closing silent ones."""
@@ -1981,10 +2272,7 @@ class Hub:
         """Close a connection in the background, without waiting for it; cut it off if the
         close handshake has not finished after patience seconds."""
         if self._stop_writing(conn):
-            task = asyncio.get_running_loop().create_task(
-                self._close(conn, code, reason, patience))
-            self._closers.add(task)
-            task.add_done_callback(self._closers.discard)
+            self._closers.spawn(self._close(conn, code, reason, patience))
 
     async def close(self, conn: Connection, code: int, reason: str) -> None:
         """Close a connection and wait for it (from its own handler, which must not return first)."""
@@ -2056,113 +2344,432 @@ class Hub:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+            self._sweeper = None
         for conn in list(self.connections.values()):
             self.drop(conn, code, "server shutting down")
-        if self._closers:
-            await asyncio.gather(*self._closers, return_exceptions=True)
+        await self._closers.wait()
 
 
 # ===========================================================================
-# Metrics (Prometheus text format)
+# Metrics (Prometheus, by prometheus-client)
 # ===========================================================================
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-@dataclass
-class Histogram:
-    """Cumulative-bucket histogram of request durations for one route."""
+class Gauges:
+    """A collector that reads its gauges when scraped: (name, help, value) from read()."""
 
-    buckets: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
-    total: float = 0.0
-    count: int = 0
+    def __init__(self, read: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
+        self.read = read
 
-    def observe(self, seconds: float) -> None:
-        """Count one observation."""
-        for index, bound in enumerate(DURATION_BUCKETS):
-            if seconds <= bound:
-                self.buckets[index] += 1
-        self.total += seconds
-        self.count += 1
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One family per gauge, with its value now."""
+        for name, help_text, value in self.read():
+            yield GaugeMetricFamily(name, help_text, value=value)
 
 
-@dataclass
 class Metrics:
-    """Counters kept in memory since start; gauges are read at scrape time."""
+    """One app's counters, in a registry of its own (a test process runs many apps), with
+    the library's process metrics (memory, CPU, open descriptors)."""
 
-    requests: dict[tuple[str, str, int], int] = field(default_factory=dict)
-    durations: dict[str, Histogram] = field(default_factory=dict)
-    bytes_received: int = 0
-    bytes_sent: int = 0
-    uploads: int = 0
-    deletes: int = 0
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter("syncd_http_requests", "HTTP requests by route, method and status.",
+                                ("route", "method", "status"), registry=registry)
+        self.durations = Histogram("syncd_http_request_duration_seconds",
+                                   "Time to answer a request.", ("route",),
+                                   buckets=DURATION_BUCKETS, registry=registry)
+        self.bytes_received = Counter("syncd_received_bytes", "File bytes received in uploads.",
+                                      registry=registry)
+        self.bytes_sent = Counter("syncd_sent_bytes", "File bytes sent in downloads.",
+                                  registry=registry)
+        self.uploads = Counter("syncd_uploads", "Uploads stored as a new revision.",
+                               registry=registry)
+        self.deletes = Counter("syncd_deletes", "Files deleted.", registry=registry)
+        ProcessCollector(registry=registry)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count a finished request."""
-        key = (route, method, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        self.durations.setdefault(route, Histogram()).observe(seconds)
+        self.requests.labels(route, method, str(status)).inc()
+        self.durations.labels(route).observe(seconds)
 
-    def render(self, gauges: Sequence[tuple[str, str, float]]) -> str:
-        """The exposition text: these counters, then the gauges (name, help, value)."""
-        out: list[str] = []
+    def watch(self, read: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
+        """Report the gauges read() gives at each scrape."""
+        self.registry.register(Gauges(read))
 
-        def family(name: str, kind: str, help_text: str) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-
-        family("syncd_http_requests_total", "counter", "HTTP requests by route, method and status.")
-        for (route, method, status), count in sorted(self.requests.items()):
-            out.append(f'syncd_http_requests_total{{route="{label(route)}",method="{method}",'
-                       f'status="{status}"}} {count}')
-        family("syncd_http_request_duration_seconds", "histogram", "Time to answer a request.")
-        for route, histogram in sorted(self.durations.items()):
-            name, route_label = "syncd_http_request_duration_seconds", label(route)
-            for bound, count in zip(DURATION_BUCKETS, histogram.buckets):
-                out.append(f'{name}_bucket{{route="{route_label}",le="{bound}"}} {count}')
-            out.append(f'{name}_bucket{{route="{route_label}",le="+Inf"}} {histogram.count}')
-            out.append(f'{name}_sum{{route="{route_label}"}} {histogram.total:.6f}')
-            out.append(f'{name}_count{{route="{route_label}"}} {histogram.count}')
-        for name, value, help_text in (
-                ("syncd_received_bytes_total", self.bytes_received, "File bytes received in uploads."),
-                ("syncd_sent_bytes_total", self.bytes_sent, "File bytes sent in downloads."),
-                ("syncd_uploads_total", self.uploads, "Uploads stored as a new revision."),
-                ("syncd_deletes_total", self.deletes, "Files deleted.")):
-            family(name, "counter", help_text)
-            out.append(f"{name} {value}")
-        for name, help_text, gauge in gauges:
-            family(name, "gauge", help_text)
-            out.append(f"{name} {gauge:g}")
-        return "\n".join(out) + "\n"
+    def render(self) -> bytes:
+        """The exposition text."""
+        return generate_latest(self.registry)
 
 
-def label(value: str) -> str:
-    """A Prometheus label value, escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+# ===========================================================================
+# The tree: every change to the synced files, in one place
+# ===========================================================================
+
+@dataclass(frozen=True)
+class Precondition:
+    """What the client believes the server holds, if it says."""
+
+    base_checksum: str | None = None            # /upload and DELETE: 409 on mismatch
+    if_match: tuple[str, ...] | None = None     # 412 on mismatch
+    if_none_match: tuple[str, ...] | None = None
+
+    def is_set(self) -> bool:
+        """Whether any condition was given."""
+        return (self.base_checksum, self.if_match, self.if_none_match) != (None, None, None)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What a client asks to store, besides the bytes: where, as whom, and what it believes."""
+
+    path: str
+    client_id: str
+    modified_time: float
+    checksum: str | None = None                 # its SHA-256 of the bytes, if it sent one
+    pre: Precondition = Precondition()
+
+
+def check_precondition(pre: Precondition, current: FileRecord | None) -> None:
+    """Conflict or PreconditionFailed when the client's belief is stale."""
+    live = current if current is not None and not current.deleted else None
+    if pre.base_checksum is not None:
+        accepted = {live.checksum if live else ""}
+        if current is not None and current.deleted:
+            accepted.add(current.checksum)   # an edit of a deleted file re-creates it
+        if pre.base_checksum not in accepted:
+            raise Conflict("the file changed on the server since base_checksum", live)
+    if pre.if_match is not None and not (
+            live is not None and ("*" in pre.if_match or live.checksum in pre.if_match)):
+        raise PreconditionFailed("If-Match does not match the server's file", live)
+    if pre.if_none_match is not None and live is not None and (
+            "*" in pre.if_none_match or live.checksum in pre.if_none_match):
+        raise PreconditionFailed("If-None-Match: the file exists", live)
+
+
+def file_changed_event(record: FileRecord) -> dict[str, Any]:
+    """The WebSocket announcement of a new version."""
+    return {"type": "file_changed", **record.to_json(), "seq": record.revision,
+            "client_id": record.client_id}
+
+
+def file_deleted_event(record: FileRecord) -> dict[str, Any]:
+    """The WebSocket announcement of a deletion."""
+    return {"type": "file_deleted", "path": record.path, "revision": record.revision,
+            "seq": record.revision, "client_id": record.client_id}
+
+
+class Tree:
+    """The synced tree, and the only place where it changes.
+
+    It owns the metadata store, the file store, the hub and the metrics, and
+    has one method per change (store_upload, delete) and one open_for_read.
+    Every route and protocol that writes ends in one of them, so each
+    guarantee is written once: bytes in a temp file, fsynced; preconditions
+    checked under the commit lock; the rename and the journal entry in one
+    transaction (undone together); the announcement after the commit; and
+    the work carried to its end even if the client goes away.
+
+    A download must pair a record with exactly the bytes it describes: the
+    tree's writes form a seqlock (_writes is odd while one is under way), so
+    a read that saw no write begin or end between reading the record and
+    opening the file is consistent; otherwise it is done again under the lock.
+    """
+
+    def __init__(self, config: Config, store: MetadataStore, files: FileStore, hub: Hub,
+                 metrics: Metrics) -> None:
+        self.config = config
+        self.store = store
+        self.files = files
+        self.hub = hub
+        self.metrics = metrics
+        self.background = Background()
+        self.recovery: asyncio.Future[None] | None = None  # the background half of recovery
+        self.rehashing: set[str] = set()    # paths whose record may be stale until rehashed
+        self._write_lock = asyncio.Lock()
+        self._writes = 0
+
+    def configure(self, config: Config) -> None:
+        """Take a reloaded configuration."""
+        self.config = config
+        self.hub.configure(config)
+
+    def failure(self, exc: BaseException) -> Refused | None:
+        """The contract's answer to a storage error (disk or database), or None."""
+        return self.store.failure(exc) or file_failure(exc)
+
+    # -- start and stop ----------------------------------------------------------
+
+    async def open(self, accept_deletions: bool) -> None:
+        """Prepare the tree and the database, and recover what happened while we were
+        stopped: vanished files now, changed ones hashed in the background.
+
+        MassVanish when most files are gone; StorageUnusable when the tree or the
+        database cannot be opened.
+        """
+        root = self.files.root
+        try:
+            if not root.exists():
+                log.info("creating the sync directory %s", root)
+            root.mkdir(parents=True, exist_ok=True)
+            removed = self.files.prepare()
+            await self.store.open()
+            try:
+                recovery = await recover(self.store, self.files, accept_deletions)
+            except BaseException:
+                await self.store.close()
+                raise
+        except (OSError, *self.store.errors) as exc:
+            raise StorageUnusable(str(exc)) from exc
+        self.hub.start()
+        self.rehashing = recovery.pending
+        self.recovery = self.background.spawn(self._finish_recovery(recovery, removed))
+        log.info("serving %s (epoch %s, cursor %d)", root.resolve(), self.store.epoch,
+                 self.store.cursor)
+
+    async def close(self) -> None:
+        """Stop the rehash, close the WebSockets, let writes finish, close the stores."""
+        if self.recovery is not None:
+            self.recovery.cancel()
+        await self.hub.close_all()
+        await self.background.wait()
+        await self.store.close()
+        self.files.close()
+
+    async def _finish_recovery(self, recovery: Recovery, removed: int) -> None:
+        """Rehash what changed behind our back, announce it, and log what recovery found."""
+        if recovery.suspects:
+            log.info("recovery: hashing %d new or changed file(s) in the background",
+                     len(recovery.suspects))
+        try:
+            report = await rehash_suspects(
+                self.store, self.files, recovery,
+                lambda record: self.hub.publish(file_changed_event(record)))
+        except Exception as exc:
+            if self.failure(exc) is None:
+                raise
+            log.error("recovery stopped: %s; the files not yet hashed are served as recorded", exc)
+            return
+        finally:
+            recovery.pending.clear()
+        log.info("recovery: %s; %d temp file(s) removed", report.summary(), removed)
+        for kind, paths, why in (
+                ("cannot be served", report.skipped,
+                 "not a valid NFC path, not a regular file, or changing"),
+                ("cannot be read", report.unreadable, "permissions? they are not taken as deleted")):
+            if paths:
+                log.warning("%d path(s) in the tree %s (%s): %s%s", len(paths), kind, why,
+                            ", ".join(paths[:5]), ", ..." if len(paths) > 5 else "")
+
+    # -- writes ------------------------------------------------------------------
+
+    def check_extension(self, path: str) -> None:
+        """ExtensionNotAllowed when allowed_extensions is set and path's name is not in it."""
+        allowed = self.config.allowed_extensions
+        if not extension_allowed(path, allowed):
+            raise ExtensionNotAllowed("allowed extensions: " + ", ".join(allowed))
+
+    async def receive(self, chunks: AsyncIterator[bytes]) -> StagedFile:
+        """Stream a file's bytes into a temp file, hashed on the way; TooLarge (nothing kept)
+        past max_file_size."""
+        received = self.metrics.bytes_received
+
+        async def counted() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                received.inc(len(chunk))
+                yield chunk
+        return await self.files.stage(counted(), self.config.max_file_size)
+
+    def discard(self, staged: StagedFile) -> None:
+        """Drop a received file that will not be stored."""
+        self.files.discard(staged)
+
+    async def store_upload(self, staged: StagedFile, upload: Upload) -> tuple[FileRecord, bool]:
+        """Make a received file the live content of upload.path; the record, and whether
+        the path was created. Takes staged over: its temp file is gone afterwards."""
+        return await self.background.shielded(self._store_upload(staged, upload))
+
+    async def _store_upload(self, staged: StagedFile, upload: Upload) -> tuple[FileRecord, bool]:
+        path, client_id = upload.path, upload.client_id
+        files = self.files
+        try:
+            self.check_extension(path)
+            if upload.checksum is not None and staged.checksum != upload.checksum:
+                raise ChecksumMismatch(f"the bytes received hash to {staged.checksum}, "
+                                       f"not {upload.checksum}")
+            await asyncio.to_thread(files.seal, staged, upload.modified_time)
+            async with self._writing() as tx:
+                current = await tx.get(path)
+                check_precondition(upload.pre, current)
+                live = current if current is not None and not current.deleted else None
+                if live is not None and live.checksum == staged.checksum:
+                    return live, False   # the same bytes again: nothing changes, nothing to announce
+                await tx.check_writable(path, self.config.allow_case_clash)
+                try:
+                    swap = await asyncio.to_thread(files.swap_in, staged, path)
+                except FolderBlocked as exc:
+                    raise PathBlocked(path, f"{exc} is in the way") from None
+                tx.undo.append(lambda: files.undo_swap(swap))
+                record = await tx.record_upsert(path, staged.checksum, staged.size,
+                                                upload.modified_time, client_id, staged.mtime_ns)
+                tx.after_commit.append(
+                    lambda: self.hub.publish(file_changed_event(record), client_id))
+            self.rehashing.discard(path)     # what a client wrote is what is on disk now
+            files.finish_swap(swap)
+            self.metrics.uploads.inc()
+        finally:
+            files.discard(staged)
+        log.info("stored %s (%d bytes, revision %d) from %s",
+                 path, record.size, record.revision, client_id)
+        return record, live is None
+
+    async def delete(self, path: str, client_id: str, pre: Precondition) -> tuple[int, int]:
+        """Delete the file at path, or every file under the folder path; (count, last revision)."""
+        return await self.background.shielded(self._delete(path, client_id, pre))
+
+    async def _delete(self, path: str, client_id: str, pre: Precondition) -> tuple[int, int]:
+        # A folder goes DELETE_BATCH files per transaction, so that downloads and
+        # other writes get the lock between batches; a file written under it since
+        # the delete began is newer than the delete and stays.
+        async with self._writing() as tx:
+            current = await tx.get(path)
+            if current is not None and not current.deleted:
+                targets = [current]
+                check_precondition(pre, current)
+            else:
+                targets = await tx.live_under(path)
+                if not targets:
+                    raise NotFound(f"no file or folder at {path}")
+                if pre.is_set():
+                    raise Conflict(f"{path} is a folder: a precondition applies to a single "
+                                   "file", None)
+            parked, tombs = await self._delete_batch(tx, targets[:DELETE_BATCH], client_id)
+        deleted, last_seq = len(tombs), tx.last_seq
+        await self.finish_delete_batch(parked, len(tombs))
+        for start in range(DELETE_BATCH, len(targets), DELETE_BATCH):
+            async with self._writing() as tx:
+                batch = [target for target in targets[start:start + DELETE_BATCH]
+                         if await tx.get(target.path) == target]
+                parked, tombs = await self._delete_batch(tx, batch, client_id)
+            deleted, last_seq = deleted + len(tombs), tx.last_seq or last_seq
+            await self.finish_delete_batch(parked, len(tombs))
+        log.info("deleted %s (%d file(s), revision %d) for %s", path, deleted, last_seq, client_id)
+        return deleted, last_seq
+
+    async def _delete_batch(self, tx: Transaction, targets: Sequence[FileRecord],
+                            client_id: str) -> tuple[list[Removal], list[FileRecord]]:
+        """In tx: move the targets out of the tree and leave their tombstones; announce them
+        after the commit, or put the files back if it fails."""
+        files, hub = self.files, self.hub
+        removals = await asyncio.to_thread(files.remove_many, [target.path for target in targets])
+        tx.undo.append(lambda: [files.undo_remove(removal) for removal in reversed(removals)])
+        tombs = []
+        for target in targets:
+            tomb = await tx.record_delete(target, client_id)
+            tombs.append(tomb)
+            tx.after_commit.append(
+                lambda tomb=tomb: hub.publish(file_deleted_event(tomb), client_id))
+        return removals, tombs
+
+    async def finish_delete_batch(self, removals: list[Removal], count: int) -> None:
+        """After a batch's commit: drop the parked files and prune empty folders."""
+        self.metrics.deletes.inc(count)
+        await asyncio.to_thread(self.files.finish_removals, removals)
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[Transaction]:
+        """A store transaction that may rename in the tree: the seqlock's writer side."""
+        async with self._write_lock:
+            self._writes += 1
+            try:
+                async with self.store.transaction() as tx:
+                    yield tx
+            finally:
+                self._writes += 1
+
+    # -- reads -------------------------------------------------------------------
+
+    async def open_for_read(self, path: str) -> tuple[Any, FileRecord]:
+        """The open file at path and the record that describes exactly those bytes;
+        NotFound, or StorageFailing while start-up recovery has not yet checked it.
+
+        Once open, a later upload replaces the name, not our bytes.
+        """
+        if path in self.rehashing:
+            raise StorageFailing(f"{path} changed on disk while the server was stopped and is "
+                                 "being checked; retry shortly", retry_after=5)
+        before = self._writes
+        if before % 2 == 0:
+            handle, record = await self._open_with_record(path)
+            if self._writes == before:
+                return self._found(path, handle, record)
+            if handle is not None:
+                handle.close()
+        async with self._write_lock:
+            handle, record = await self._open_with_record(path)
+        return self._found(path, handle, record)
+
+    @staticmethod
+    def _found(path: str, handle: Any, record: FileRecord | None) -> tuple[Any, FileRecord]:
+        """open_for_read's answer: both, or NotFound."""
+        if handle is None or record is None:
+            raise NotFound(f"no file at {path}")
+        return handle, record
+
+    async def _open_with_record(self, path: str) -> tuple[Any, FileRecord | None]:
+        """The path's live record (or None) and, only if there is one, the file opened (or None).
+
+        The record comes first, so a name with no record (a FIFO an admin left in
+        the tree, say) is never opened; the open runs in a worker thread, since a
+        disk can block.
+        """
+        record = await self.store.get(path)
+        if record is None or record.deleted:
+            return None, None
+        try:
+            handle = await asyncio.to_thread(self.files.open_read, path)
+        except NotRegular:
+            log.warning("%s is in the database but not a regular file on disk", path)
+            return None, record
+        return handle, record
 
 
 # ===========================================================================
 # HTTP: request parsing helpers
 # ===========================================================================
 
+class ApiError(Exception):
+    """An error of the HTTP layer itself, answered as {"error": code, "message": ...}
+    (what the tree refuses arrives as a Refused; error_middleware maps both)."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+        self.extra: dict[str, Any] = {}      # more fields of the JSON answer
+
+
 @dataclass
 class State:
     """Everything the handlers share, hung off the Application."""
 
-    config: Config
-    store: MetadataStore
-    files: FileStore
-    hub: Hub
-    metrics: Metrics = field(default_factory=Metrics)
+    tree: Tree
     started: float = field(default_factory=time.monotonic)
-    background: set[asyncio.Task[Any]] = field(default_factory=set)
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
     accept_deletions: bool = False
-    recovery: asyncio.Task[None] | None = None    # the background half of start-up recovery
-    rehashing: set[str] = field(default_factory=set)   # paths whose record may be stale
     sync_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_SLOTS))
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force (a reload replaces it)."""
+        return self.tree.config
 
 
 STATE = web.AppKey("state", State)
@@ -2228,9 +2835,9 @@ async def read_body(request: web.Request, limit: int = JSON_BODY_LIMIT) -> bytea
     return data
 
 
-def body_too_large(limit: int) -> ApiError:
+def body_too_large(limit: int) -> TooLarge:
     """413 for a request body (not a file) over its limit."""
-    return ApiError(413, "too_large", f"the request body is over {limit} bytes")
+    return TooLarge(f"the request body is over {limit} bytes")
 
 
 def decode_json_object(body: bytes | bytearray) -> dict[str, Any]:
@@ -2290,8 +2897,8 @@ def parse_sync_entries(value: Any) -> list[ClientEntry]:
     for index, item in enumerate(value):
         try:
             entry = parse_sync_entry(item)
-        except ApiError as exc:     # name the entry only when it is wrong (100,000 are right)
-            raise ApiError(exc.status, exc.code, f"files[{index}]{exc.message}") from None
+        except InvalidRequest as exc:   # name the entry only when it is wrong (100,000 are right)
+            raise type(exc)(f"files[{index}]{exc.message}") from None
         if entry.path in seen:
             raise invalid_request(f"files[{index}].path {entry.path} is listed twice")
         seen.add(entry.path)
@@ -2308,8 +2915,8 @@ def parse_sync_entry(item: Any) -> ClientEntry:
         raise invalid_request(".path must be a string")
     try:
         path = validate_path(raw_path)
-    except ApiError as exc:
-        raise invalid_path(f".path: {exc.message}") from None
+    except InvalidPath as exc:
+        raise InvalidPath(f".path: {exc.message}") from None
     base = item.get("base_checksum")
     return ClientEntry(
         path,
@@ -2343,175 +2950,6 @@ def parse_etags(header: str | None, *, strong: bool) -> tuple[str, ...] | None:
     if not tags:
         raise invalid_request("an empty If-Match / If-None-Match header")
     return tuple(tags)
-
-
-# ===========================================================================
-# HTTP: writes (uploads and deletes), shared by every route that writes
-# ===========================================================================
-
-@dataclass(frozen=True)
-class Precondition:
-    """What the client believes the server holds, if it says."""
-
-    base_checksum: str | None = None            # /upload and DELETE: 409 on mismatch
-    if_match: tuple[str, ...] | None = None     # 412 on mismatch
-    if_none_match: tuple[str, ...] | None = None
-
-    def is_set(self) -> bool:
-        """Whether any condition was given."""
-        return (self.base_checksum, self.if_match, self.if_none_match) != (None, None, None)
-
-
-def check_precondition(pre: Precondition, current: FileRecord | None) -> None:
-    """Raise 409 conflict or 412 precondition_failed when the client's belief is stale."""
-    live = current if current is not None and not current.deleted else None
-    server = live.to_json() if live is not None else None
-    if pre.base_checksum is not None:
-        accepted = {live.checksum if live else ""}
-        if current is not None and current.deleted:
-            accepted.add(current.checksum)   # an edit of a deleted file re-creates it
-        if pre.base_checksum not in accepted:
-            raise ApiError(409, "conflict", "the file changed on the server since base_checksum",
-                           {"server": server})
-    if pre.if_match is not None and not (
-            live is not None and ("*" in pre.if_match or live.checksum in pre.if_match)):
-        raise ApiError(412, "precondition_failed", "If-Match does not match the server's file",
-                       {"server": server})
-    if pre.if_none_match is not None and live is not None and (
-            "*" in pre.if_none_match or live.checksum in pre.if_none_match):
-        raise ApiError(412, "precondition_failed", "If-None-Match: the file exists",
-                       {"server": server})
-
-
-async def run_to_completion(state: State, work: Awaitable[T]) -> T:
-    """Await work even if the request is cancelled meanwhile.
-
-    Between a rename into the tree and its COMMIT, stopping half-way would
-    leave the disk and the database disagreeing; so the work runs in a task of
-    its own and finishes whatever happens to the request.
-    """
-    task = asyncio.ensure_future(work)
-    state.background.add(task)
-    task.add_done_callback(state.background.discard)
-    return await asyncio.shield(task)
-
-
-def file_changed_event(record: FileRecord) -> dict[str, Any]:
-    """The WebSocket announcement of a new version."""
-    return {"type": "file_changed", **record.to_json(), "seq": record.revision,
-            "client_id": record.client_id}
-
-
-def file_deleted_event(record: FileRecord) -> dict[str, Any]:
-    """The WebSocket announcement of a deletion."""
-    return {"type": "file_deleted", "path": record.path, "revision": record.revision,
-            "seq": record.revision, "client_id": record.client_id}
-
-
-async def stage_body(state: State, chunks: AsyncIterator[bytes]) -> StagedFile:
-    """Stream a body to a temp file; 413 (nothing kept) past max_file_size."""
-    limit = state.config.max_file_size
-    metrics = state.metrics
-
-    async def counted() -> AsyncIterator[bytes]:
-        async for chunk in idle_limited(chunks, state.config.upload_idle_timeout):
-            metrics.bytes_received += len(chunk)
-            yield chunk
-    try:
-        return await state.files.stage(counted(), limit)
-    except TooLarge:
-        raise ApiError(413, "too_large", f"the file exceeds max_file_size ({limit} bytes)") from None
-
-
-async def commit_staged(state: State, staged: StagedFile, path: str, client_id: str,
-                        modified_time: float, pre: Precondition) -> tuple[FileRecord, bool]:
-    """Put a staged upload in place and commit it; return the record and whether it is new.
-
-    Owns staged: whatever happens, its temp file is gone afterwards.
-    """
-    loop = asyncio.get_running_loop()
-    files, hub = state.files, state.hub
-    try:
-        await loop.run_in_executor(None, files.seal, staged, modified_time)
-        async with state.store.transaction() as tx:
-            current = await tx.get(path)
-            check_precondition(pre, current)
-            live = current if current is not None and not current.deleted else None
-            if live is not None and live.checksum == staged.checksum:
-                return live, False   # the same bytes again: nothing changes, nothing to announce
-            blocker = await tx.find_blocker(path, state.config.allow_case_clash)
-            if blocker is not None:
-                raise blocker
-            try:
-                swap = await loop.run_in_executor(None, files.swap_in, staged, path)
-            except FolderBlocked as exc:
-                raise path_blocked(path, f"{exc} is in the way") from None
-            tx.undo.append(lambda: files.undo_swap(swap))
-            record = await tx.record_upsert(path, staged.checksum, staged.size,
-                                            modified_time, client_id, staged.mtime_ns)
-            tx.after_commit.append(lambda: hub.publish(file_changed_event(record), client_id))
-        files.finish_swap(swap)
-        state.metrics.uploads += 1
-    finally:
-        files.discard(staged)
-    log.info("stored %s (%d bytes, revision %d) from %s",
-             path, record.size, record.revision, client_id)
-    return record, live is None
-
-
-async def delete_files(state: State, path: str, client_id: str,
-                       pre: Precondition) -> tuple[int, int]:
-    """Delete the file at path, or every file under the folder path; (count, last revision).
-
-    A folder goes DELETE_BATCH files per transaction, so that downloads and
-    other writes get the commit lock between batches; a file written under it
-    since the delete began is newer than the delete and stays.
-    """
-    async with state.store.transaction() as tx:
-        current = await tx.get(path)
-        if current is not None and not current.deleted:
-            targets = [current]
-            check_precondition(pre, current)
-        else:
-            targets = await tx.live_under(path)
-            if not targets:
-                raise ApiError(404, "not_found", f"no file or folder at {path}")
-            if pre.is_set():
-                raise ApiError(409, "conflict", f"{path} is a folder: a precondition "
-                               "applies to a single file", {"server": None})
-        parked, tombs = await delete_batch(state, tx, targets[:DELETE_BATCH], client_id)
-    deleted, last_seq = len(tombs), tx.last_seq
-    await finish_delete_batch(state, parked, len(tombs))
-    for start in range(DELETE_BATCH, len(targets), DELETE_BATCH):
-        async with state.store.transaction() as tx:
-            batch = [target for target in targets[start:start + DELETE_BATCH]
-                     if await tx.get(target.path) == target]
-            parked, tombs = await delete_batch(state, tx, batch, client_id)
-        deleted, last_seq = deleted + len(tombs), tx.last_seq or last_seq
-        await finish_delete_batch(state, parked, len(tombs))
-    log.info("deleted %s (%d file(s), revision %d) for %s", path, deleted, last_seq, client_id)
-    return deleted, last_seq
-
-
-async def delete_batch(state: State, tx: Transaction, targets: Sequence[FileRecord],
-                       client_id: str) -> tuple[list[Removal], list[FileRecord]]:
-    """In tx: move the targets out of the tree and leave their tombstones; announce them
-    after the commit, or put the files back if it fails."""
-    files, hub = state.files, state.hub
-    removals = await asyncio.to_thread(files.remove_many, [target.path for target in targets])
-    tx.undo.append(lambda: [files.undo_remove(removal) for removal in reversed(removals)])
-    tombs = []
-    for target in targets:
-        tomb = await tx.record_delete(target, client_id)
-        tombs.append(tomb)
-        tx.after_commit.append(lambda tomb=tomb: hub.publish(file_deleted_event(tomb), client_id))
-    return removals, tombs
-
-
-async def finish_delete_batch(state: State, removals: list[Removal], count: int) -> None:
-    """After a batch's commit: drop the parked files and prune empty folders."""
-    state.metrics.deletes += count
-    await asyncio.to_thread(state.files.finish_removals, removals)
 
 
 # ===========================================================================
@@ -2556,55 +2994,9 @@ def etag_matches(header: str | None, checksum: str) -> bool:
     parsed is ignored, as RFC 9110 lets a cache condition be."""
     try:
         tags = parse_etags(header, strong=False)
-    except ApiError:
+    except InvalidRequest:
         return False
     return tags is not None and ("*" in tags or checksum in tags)
-
-
-async def open_for_download(state: State, path: str) -> tuple[Any, FileRecord]:
-    """The open file and the record that describes exactly those bytes.
-
-    Every rename into the tree happens inside a write transaction, under the
-    commit lock. If no transaction ran from before we read the record to after
-    we opened the file, the two belong together; otherwise we do both again
-    under the lock. Once open, a later upload replaces the name, not our bytes.
-    """
-    if path in state.rehashing:
-        raise ApiError(503, "storage_unavailable", f"{path} changed on disk while the server was "
-                       "stopped and is being checked; retry shortly", headers={"Retry-After": "5"})
-    store = state.store
-    before = store.finished_transactions
-    if not store.lock.locked():
-        handle, record = await open_with_record(state, path)
-        consistent = not store.lock.locked() and store.finished_transactions == before
-        if not consistent and handle is not None:
-            handle.close()
-    else:
-        consistent = False
-    if not consistent:
-        async with store.lock:
-            handle, record = await open_with_record(state, path)
-    if handle is None or record is None:
-        raise ApiError(404, "not_found", f"no file at {path}")
-    return handle, record
-
-
-async def open_with_record(state: State, path: str) -> tuple[Any, FileRecord | None]:
-    """The path's live record (or None) and, only if there is one, the file opened (or None).
-
-    The record comes first, so a name with no record (a FIFO an admin left in
-    the tree, say) is never opened; the open runs in a worker thread, since a
-    disk can block.
-    """
-    record = await state.store.get(path)
-    if record is None or record.deleted:
-        return None, None
-    try:
-        handle = await asyncio.to_thread(state.files.open_read, path)
-    except NotRegular:
-        log.warning("%s is in the database but not a regular file on disk", path)
-        return None, record
-    return handle, record
 
 
 async def send_file(request: web.Request, handle: Any, record: FileRecord,
@@ -2634,7 +3026,7 @@ async def send_file(request: web.Request, handle: Any, record: FileRecord,
         # For a small file one read beats sendfile's set-up (it waits for the
         # transport to drain first); the fd still pins the version we opened.
         body = os.pread(handle.fileno(), count, offset)
-        metrics.bytes_sent += len(body)
+        metrics.bytes_sent.inc(len(body))
         return web.Response(status=status, body=body, headers=headers)
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = count
@@ -2658,7 +3050,7 @@ async def send_file(request: web.Request, handle: Any, record: FileRecord,
                 break
             await response.write(chunk)
             sent += len(chunk)
-    metrics.bytes_sent += sent
+    metrics.bytes_sent.inc(sent)
     await response.write_eof()
     return response
 
@@ -2686,23 +3078,24 @@ def note_client(request: web.Request, client_id: str) -> str:
 async def handle_health(request: web.Request) -> web.Response:
     """GET /health: liveness, with a few figures; 503 when storage is unusable."""
     state = state_of(request)
+    tree = state.tree
     body: dict[str, Any] = {
         "status": "ok",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "version": __version__,
         "uptime_s": round(time.monotonic() - state.started, 3),
-        "clients_connected": len(state.hub.connections),
-        "cursor": state.store.cursor,
-        "epoch": state.store.epoch,
+        "clients_connected": len(tree.hub.connections),
+        "cursor": tree.store.cursor,
+        "epoch": tree.store.epoch,
     }
     try:
-        await state.store.check()
-        body["files"] = state.store.live_files
+        await tree.store.check()
+        body["files"] = tree.store.live_files
     except Exception as exc:
         log.error("health: the database is unusable: %s", exc)
         body.update(status="error", files=0, message="the database is unusable")
         return json_response(body, 503)
-    if not state.files.usable():
+    if not tree.files.usable():
         log.error("health: the sync directory is not a writable folder")
         body.update(status="error", message="the sync directory is unusable")
         return json_response(body, 503)
@@ -2711,28 +3104,28 @@ async def handle_health(request: web.Request) -> web.Response:
 
 async def handle_register(request: web.Request) -> web.Response:
     """POST /register: store or refresh a client; announce it to the others."""
-    state = state_of(request)
+    tree = state_of(request).tree
     data = await read_json_object(request)
     client_id = note_client(request, validate_client_id(data.get("client_id")))
     name = optional_text(data, "name")
-    is_new = await state.store.register_client(
+    is_new = await tree.store.register_client(
         client_id, name, optional_text(data, "platform"), optional_text(data, "version"))
-    state.hub.publish({"type": "client_joined", "client_id": client_id, "name": name},
-                      exclude=client_id)
+    tree.hub.publish({"type": "client_joined", "client_id": client_id, "name": name},
+                     exclude=client_id)
     log.info("client %s %s", client_id, "registered" if is_new else "registered again")
     return json_response({"success": True,
                           "message": "registered" if is_new else "welcome back",
-                          "cursor": state.store.cursor})
+                          "cursor": tree.store.cursor})
 
 
 async def handle_clients(request: web.Request) -> web.Response:
     """GET /clients: the registry, with who is connected now."""
-    state = state_of(request)
-    clients = await state.store.list_clients()
+    tree = state_of(request).tree
+    clients = await tree.store.list_clients()
     return json_response({"clients": [
         {"client_id": c.client_id, "name": c.name, "platform": c.platform,
          "version": c.version, "registered_at": c.registered_at, "last_seen": c.last_seen,
-         "connected": c.client_id in state.hub.connections}
+         "connected": c.client_id in tree.hub.connections}
         for c in clients]})
 
 
@@ -2750,9 +3143,11 @@ async def handle_sync(request: web.Request) -> web.Response:
         client_id, text = await plan_answer(state, body)
     note_client(request, client_id)
     try:
-        await state.store.touch_client(client_id)
-    except (OSError, sqlite3.Error) as exc:   # last_seen is not worth failing a read for
-        log.warning("could not note that %s was seen: %s", client_id, exc)
+        await state.tree.store.touch_client(client_id)
+    except Exception as exc:
+        if state.tree.failure(exc) is None:
+            raise
+        log.warning("could not note that %s was seen: %s", client_id, exc)   # not worth a 503
     return web.Response(text=text, content_type="application/json")
 
 
@@ -2760,8 +3155,8 @@ async def plan_answer(state: State, body: bytearray) -> tuple[str, str]:
     """The client id of a SyncRequest body and the JSON text of its plan."""
     client_id, entries = await asyncio.to_thread(decode_sync_request, body)
     body.clear()                     # the parsed entries replace the bytes
-    records, cursor = await state.store.snapshot()
-    epoch = state.store.epoch
+    records, cursor = await state.tree.store.snapshot()
+    epoch = state.tree.store.epoch
     return client_id, await asyncio.to_thread(
         lambda: compact_json(plan_sync(entries, records).to_json(epoch, cursor)))
 
@@ -2783,7 +3178,7 @@ MAX_EPILOGUE = 64 * 1024          # text after the closing boundary (RFC 2046 le
 HEADER_CONTROL_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def malformed(exc: BaseException) -> ApiError:
+def malformed(exc: BaseException) -> InvalidRequest:
     """400 for a multipart body aiohttp could not parse (a client's mistake: no traceback)."""
     lines = str(exc).strip().splitlines()
     return invalid_request("malformed multipart body: " + (lines[0][:200] if lines else
@@ -2851,23 +3246,21 @@ async def read_text_field(part: aiohttp.BodyPartReader, idle: float) -> str:
         raise invalid_request(f"the field {part.name} is not UTF-8") from None
 
 
-def check_extension(state: State, path: str) -> None:
-    """415 when allowed_extensions is set and path's name is not in it."""
-    if not extension_allowed(path, state.config.allowed_extensions):
-        raise ApiError(415, "extension_not_allowed",
-                       "allowed extensions: " + ", ".join(state.config.allowed_extensions))
+async def receive_body(tree: Tree, chunks: AsyncIterator[bytes], idle: float) -> StagedFile:
+    """A request's file bytes into the tree's temp file; 408 if the client falls silent."""
+    return await tree.receive(idle_limited(chunks, idle))
 
 
 async def handle_upload(request: web.Request) -> web.Response:
     """POST /upload (multipart): store a file; its text fields may come before or after it."""
-    state = state_of(request)
+    tree = state_of(request).tree
     try:
         reader = await request.multipart()
     except (AssertionError, ValueError, KeyError):
         raise invalid_request("the body must be multipart/form-data") from None
     fields_seen: dict[str, str] = {}
     staged: StagedFile | None = None
-    idle = state.config.upload_idle_timeout
+    idle = tree.config.upload_idle_timeout
     try:
         for _ in range(MAX_MULTIPART_PARTS + 1):
             part = await next_part(reader, idle)
@@ -2878,8 +3271,8 @@ async def handle_upload(request: web.Request) -> web.Response:
                 if staged is not None:
                     raise invalid_request("more than one file part")
                 if "relative_path" in fields_seen:      # refuse early, before the bytes
-                    check_extension(state, validate_path(fields_seen["relative_path"]))
-                staged = await stage_body(state, part_chunks(part))
+                    tree.check_extension(validate_path(fields_seen["relative_path"]))
+                staged = await receive_body(tree, part_chunks(part), idle)
             elif part.name in fields_seen:
                 raise invalid_request(f"the field {part.name} is given twice")
             else:
@@ -2888,70 +3281,62 @@ async def handle_upload(request: web.Request) -> web.Response:
             raise invalid_request(f"more than {MAX_MULTIPART_PARTS} parts")
         if staged is None:
             raise invalid_request("the file part is missing")
-        raw_path = fields_seen.get("relative_path")
-        if raw_path is None:
-            raise invalid_request("relative_path is required")
-        path = validate_path(raw_path)
-        check_extension(state, path)
-        client_id = note_client(request, validate_client_id(fields_seen.get("client_id")))
-        pre = Precondition(base_checksum=None if "base_checksum" not in fields_seen else
-                           validate_checksum(fields_seen["base_checksum"], "base_checksum",
-                                             allow_empty=True))
-        check_checksum(staged, fields_seen.get("checksum"))
-        modified_time = (validate_modified_time(fields_seen["modified_time"])
-                         if "modified_time" in fields_seen else time.time())
+        upload = upload_of_fields(request, tree, fields_seen)
     except BaseException:
         if staged is not None:
-            state.files.discard(staged)
+            tree.discard(staged)
         raise
-    record, _ = await run_to_completion(
-        state, commit_staged(state, staged, path, client_id, modified_time, pre))
+    record, _ = await tree.store_upload(staged, upload)
     return json_response({"success": True, **record.to_json()})
 
 
-def check_checksum(staged: StagedFile, claimed: str | None) -> None:
-    """400 checksum_mismatch when the bytes do not hash to the checksum the client sent."""
-    if claimed is None:
-        return
-    expected = validate_checksum(claimed, "checksum", allow_empty=False)
-    if staged.checksum != expected:
-        raise ApiError(400, "checksum_mismatch",
-                       f"the bytes received hash to {staged.checksum}, not {expected}")
+def upload_of_fields(request: web.Request, tree: Tree, fields_seen: Mapping[str, str]) -> Upload:
+    """The Upload that /upload's text fields describe, or 400 (415)."""
+    raw_path = fields_seen.get("relative_path")
+    if raw_path is None:
+        raise invalid_request("relative_path is required")
+    path = validate_path(raw_path)
+    tree.check_extension(path)
+    client_id = note_client(request, validate_client_id(fields_seen.get("client_id")))
+    pre = Precondition(base_checksum=None if "base_checksum" not in fields_seen else
+                       validate_checksum(fields_seen["base_checksum"], "base_checksum",
+                                         allow_empty=True))
+    claimed = fields_seen.get("checksum")
+    checksum = None if claimed is None else validate_checksum(claimed, "checksum",
+                                                              allow_empty=False)
+    modified_time = (validate_modified_time(fields_seen["modified_time"])
+                     if "modified_time" in fields_seen else time.time())
+    return Upload(path, client_id, modified_time, checksum, pre)
 
 
 async def handle_put_file(request: web.Request) -> web.Response:
     """PUT /files/{path}: store the raw body; 201 when it created the file."""
-    state = state_of(request)
+    tree = state_of(request).tree
     path = validate_path(request.match_info["path"])
-    check_extension(state, path)
+    tree.check_extension(path)
     client_id = note_client(request, validate_client_id(request.headers.get("X-Client-Id")))
     claimed = request.headers.get("X-Checksum-Sha256")
-    if claimed is not None:
-        validate_checksum(claimed, "X-Checksum-Sha256", allow_empty=False)
+    checksum = None if claimed is None else validate_checksum(claimed, "X-Checksum-Sha256",
+                                                              allow_empty=False)
     raw_mtime = request.headers.get("X-Modified-Time")
     modified_time = (validate_modified_time(raw_mtime, "X-Modified-Time")
                      if raw_mtime is not None else time.time())
     pre = Precondition(if_match=parse_etags(request.headers.get("If-Match"), strong=True),
                        if_none_match=parse_etags(request.headers.get("If-None-Match"),
                                                  strong=False))
-    length = request.content_length
-    if length is not None and length > state.config.max_file_size:
-        raise ApiError(413, "too_large",
-                       f"the file exceeds max_file_size ({state.config.max_file_size} bytes)")
-    staged = await stage_body(state, request.content.iter_chunked(CHUNK_SIZE))
-    try:
-        check_checksum(staged, claimed)
-    except BaseException:
-        state.files.discard(staged)
-        raise
-    record, created = await run_to_completion(
-        state, commit_staged(state, staged, path, client_id, modified_time, pre))
+    limit = tree.config.max_file_size
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"the file exceeds max_file_size ({limit} bytes)")
+    staged = await receive_body(tree, request.content.iter_chunked(CHUNK_SIZE),
+                                tree.config.upload_idle_timeout)
+    record, created = await tree.store_upload(
+        staged, Upload(path, client_id, modified_time, checksum, pre))
     return json_response({"success": True, **record.to_json()}, 201 if created else 200)
 
 
 async def handle_delete_file(request: web.Request) -> web.Response:
     """DELETE /files/{path}: remove a file, or every file under a folder."""
-    state = state_of(request)
+    tree = state_of(request).tree
     path = validate_path(request.match_info["path"])
     client_id = note_client(request, validate_client_id(request.query.get("client_id")))
     base = request.query.get("base_checksum")
@@ -2959,45 +3344,44 @@ async def handle_delete_file(request: web.Request) -> web.Response:
         base_checksum=None if base is None else validate_checksum(
             base, "base_checksum", allow_empty=True),
         if_match=parse_etags(request.headers.get("If-Match"), strong=True))
-    deleted, revision = await run_to_completion(
-        state, delete_files(state, path, client_id, pre))
+    deleted, revision = await tree.delete(path, client_id, pre)
     return json_response({"success": True, "path": path, "deleted": deleted,
                           "revision": revision})
 
 
 async def handle_download(request: web.Request) -> web.StreamResponse:
     """GET/HEAD /download/{path} and /files/{path}: the file's bytes."""
-    state = state_of(request)
+    tree = state_of(request).tree
     path = validate_path(request.match_info["path"])
-    handle, record = await open_for_download(state, path)
+    handle, record = await tree.open_for_read(path)
     try:
-        return await send_file(request, handle, record, state.metrics)
+        return await send_file(request, handle, record, tree.metrics)
     finally:
         handle.close()
 
 
 async def handle_list_files(request: web.Request) -> web.Response:
     """GET /files?prefix=P: live files whose path starts with P."""
-    state = state_of(request)
+    store = state_of(request).tree.store
     prefix = unicodedata.normalize("NFC", request.query.get("prefix", ""))
-    records, cursor = await state.store.list_live(prefix)
+    records, cursor = await store.list_live(prefix)
     return json_response({"files": [record.to_json() for record in records], "cursor": cursor})
 
 
 async def handle_changes(request: web.Request) -> web.Response:
     """GET /changes?since=N&limit=M: the journal after N."""
-    state = state_of(request)
+    store = state_of(request).tree.store
     since = query_int(request, "since", 0)
     limit = query_int(request, "limit", CHANGES_DEFAULT_LIMIT)
     if limit < 1:
         raise invalid_request("limit must be at least 1")
-    changes, cursor, has_more = await state.store.changes_since(
+    changes, cursor, has_more = await store.changes_since(
         since, min(limit, CHANGES_MAX_LIMIT))
     return json_response({
         "changes": [change.to_json() for change in changes],
         "cursor": changes[-1].seq if changes else cursor,
         "has_more": has_more,
-        "epoch": state.store.epoch,
+        "epoch": store.epoch,
     })
 
 
@@ -3015,7 +3399,7 @@ def answer_ws_message(hub: Hub, conn: Connection, msg: Any) -> None:
     elif msg.type == WSMsgType.TEXT:
         try:
             data = parse_json(msg.data)
-        except ApiError as exc:
+        except InvalidRequest as exc:
             hub.send(conn, ws_error("invalid_request", exc.message))
             return
         kind = data.get("type") if isinstance(data, dict) else None
@@ -3029,18 +3413,18 @@ def answer_ws_message(hub: Hub, conn: Connection, msg: Any) -> None:
 
 async def handle_ws(request: web.Request) -> web.WebSocketResponse:
     """GET /ws/{client_id}: live events for one client."""
-    state = state_of(request)
+    tree = state_of(request).tree
+    hub = tree.hub
     client_id = note_client(request, validate_client_id(request.match_info["client_id"]))
-    limit = state.config.max_websocket_clients
-    if client_id not in state.hub.connections and len(state.hub.connections) >= limit:
+    limit = tree.config.max_websocket_clients
+    if client_id not in hub.connections and len(hub.connections) >= limit:
         raise ApiError(503, "too_many_clients", f"{limit} WebSocket clients are connected already")
     # autoping off: we answer pings ourselves, so that a pong counts as hearing from the client
     # + 1: aiohttp refuses a frame whose length reaches max_msg_size; the contract allows 64 KiB
     ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_WS_MESSAGE + 1, timeout=5.0)
     await ws.prepare(request)
-    hub = state.hub
-    hello = {"type": "hello", "client_id": client_id, "cursor": state.store.cursor,
-             "epoch": state.store.epoch, "server_time": time.time()}
+    hello = {"type": "hello", "client_id": client_id, "cursor": tree.store.cursor,
+             "epoch": tree.store.epoch, "server_time": time.time()}
     # No await between reading the cursor and joining the hub: no event is missed or doubled.
     conn = hub.connect(client_id, ws, request.transport, hello)
     log.info("client %s connected", client_id)
@@ -3059,18 +3443,22 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text format."""
-    state = state_of(request)
-    files, stored = state.store.live_files, state.store.live_bytes
-    text = state.metrics.render([
-        ("syncd_websocket_clients", "WebSocket clients connected now.", len(state.hub.connections)),
-        ("syncd_files", "Live files stored.", files),
-        ("syncd_stored_bytes", "Bytes of the live files stored.", stored),
-        ("syncd_cursor", "The last change's seq.", state.store.cursor),
+    """GET /metrics: Prometheus text format (the gauges are read by watch_gauges)."""
+    body = state_of(request).tree.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST,
+                                            "X-Content-Type-Options": "nosniff"})
+
+
+def gauges_of(state: State) -> list[tuple[str, str, float]]:
+    """The gauges /metrics reports, as they are now."""
+    tree = state.tree
+    return [
+        ("syncd_websocket_clients", "WebSocket clients connected now.", len(tree.hub.connections)),
+        ("syncd_files", "Live files stored.", tree.store.live_files),
+        ("syncd_stored_bytes", "Bytes of the live files stored.", tree.store.live_bytes),
+        ("syncd_cursor", "The last change's seq.", tree.store.cursor),
         ("syncd_uptime_seconds", "Seconds since start.", time.monotonic() - state.started),
-    ])
-    return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    ]
 
 
 # ===========================================================================
@@ -3114,27 +3502,26 @@ async def metrics_middleware(request: web.Request, handler: Callable[[web.Reques
         status = exc.status
         raise
     finally:
-        state_of(request).metrics.observe_request(
+        state_of(request).tree.metrics.observe_request(
             route_name(request), request.method, status, time.monotonic() - started)
 
-def storage_error(exc: BaseException) -> ApiError | None:
-    """The contract's answer to a full or failing disk or database; None for anything else."""
-    full = ApiError(507, "insufficient_storage", "the server's disk is full; nothing was changed")
-    failing = ApiError(503, "storage_unavailable",
-                       "the server's storage is read-only or failing; nothing was changed")
-    if isinstance(exc, OSError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return full
-        if exc.errno in (errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT):
-            return failing
-    if isinstance(exc, sqlite3.Error):
-        text = str(exc).lower()
-        if "full" in text:
-            return full
-        if any(sign in text for sign in ("readonly", "read-only", "disk i/o", "unable to open",
-                                          "locked", "malformed", "not a database")):
-            return failing
-    return None
+# The contract's status for each kind of refusal (the first class of its MRO listed here).
+REFUSAL_STATUS: dict[type[Refused], int] = {
+    InvalidRequest: 400, NotFound: 404, Conflict: 409, CaseConflict: 409,
+    PreconditionFailed: 412, TooLarge: 413, ExtensionNotAllowed: 415,
+    StorageFailing: 503, StorageFull: 507,
+}
+
+
+def refusal_error(refusal: Refused) -> ApiError:
+    """The HTTP answer to what the tree (or a parser) refused."""
+    status = next(REFUSAL_STATUS[kind] for kind in type(refusal).__mro__ if kind in REFUSAL_STATUS)
+    error = ApiError(status, refusal.code, refusal.message)
+    if isinstance(refusal, (Conflict, PreconditionFailed)):
+        error.extra["server"] = refusal.server.to_json() if refusal.server else None
+    if isinstance(refusal, StorageFailing) and refusal.retry_after is not None:
+        error.headers["Retry-After"] = str(refusal.retry_after)
+    return error
 
 
 HTTP_ERROR_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -3159,6 +3546,8 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         if exc.status == 408:
             response.force_close()      # the rest of the body may still come: drop it
         return response
+    except Refused as exc:
+        return error_response(refusal_error(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -3168,10 +3557,10 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
-        answer = storage_error(exc)
+        answer = state_of(request).tree.failure(exc)
         if answer is not None:
             log.error("%s %s: %s (%s)", request.method, request.path, answer.message, exc)
-            return error_response(answer)
+            return error_response(refusal_error(answer))
         log.exception("error while handling %s %s", request.method, request.path)
         return error_response(ApiError(500, "internal", "internal server error"))
 
@@ -3276,77 +3665,30 @@ class AccessLogger(AbstractAccessLogger):
 # ===========================================================================
 
 async def storage_context(app: web.Application) -> AsyncIterator[None]:
-    """Open the tree and the database, recover, serve (rehashing in the background); close."""
+    """Open the tree (recovering, rehashing in the background), serve, close it."""
     state = app[STATE]
-    root = Path(state.config.sync_directory)
-    if not root.exists():
-        log.info("creating the sync directory %s", root)
-    root.mkdir(parents=True, exist_ok=True)
-    removed = state.files.prepare()
-    await state.store.open()
-    try:
-        recovery = await recover(state.store, state.files, state.accept_deletions)
-    except BaseException:
-        await state.store.close()
-        raise
-    state.hub.start()
-    state.rehashing = recovery.pending
-    state.recovery = asyncio.get_running_loop().create_task(
-        finish_recovery(state, recovery, removed))
-    log.info("serving %s (epoch %s, cursor %d)", root.resolve(), state.store.epoch,
-             state.store.cursor)
+    await state.tree.open(state.accept_deletions)
     try:
         yield
     finally:
-        state.recovery.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await state.recovery
-        await state.hub.close_all()
-        if state.background:
-            await asyncio.gather(*state.background, return_exceptions=True)
-        await state.store.close()
-        state.files.close()
-
-
-async def finish_recovery(state: State, recovery: Recovery, removed: int) -> None:
-    """Rehash what changed behind our back, announce it, and log what recovery found."""
-    if recovery.suspects:
-        log.info("recovery: hashing %d new or changed file(s) in the background",
-                 len(recovery.suspects))
-    try:
-        report = await rehash_suspects(
-            state.store, state.files, recovery,
-            lambda record: state.hub.publish(file_changed_event(record)))
-    except (OSError, sqlite3.Error) as exc:
-        log.error("recovery stopped: %s; the files not yet hashed are served as recorded", exc)
-        return
-    finally:
-        recovery.pending.clear()
-    log.info("recovery: %s; %d temp file(s) removed", report.summary(), removed)
-    for kind, paths, why in (
-            ("cannot be served", report.skipped,
-             "not a valid NFC path, not a regular file, or changing"),
-            ("cannot be read", report.unreadable, "permissions? they are not taken as deleted")):
-        if paths:
-            log.warning("%d path(s) in the tree %s (%s): %s%s", len(paths), kind, why,
-                        ", ".join(paths[:5]), ", ..." if len(paths) > 5 else "")
+        await state.tree.close()
 
 
 async def close_websockets(app: web.Application) -> None:
     """On shutdown, close every WebSocket with 1001 so that handlers can finish."""
-    await app[STATE].hub.close_all(WS_CLOSE_GOING_AWAY)
+    await app[STATE].tree.hub.close_all(WS_CLOSE_GOING_AWAY)
 
 
 def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
     """The syncd Application for config; tests import this."""
     root = Path(config.sync_directory)
-    state = State(
-        config=config,
-        store=MetadataStore(root / STATE_DIR / "syncd.db"),
-        files=FileStore(root),
-        hub=Hub(config.ws_queue_size, config.heartbeat_interval, config.heartbeat_timeout),
-        accept_deletions=accept_deletions,
-    )
+    tree = Tree(config,
+                store=SQLiteStore(root / STATE_DIR / "syncd.db"),
+                files=FileStore(root),
+                hub=Hub(config.ws_queue_size, config.heartbeat_interval, config.heartbeat_timeout),
+                metrics=Metrics())
+    state = State(tree, accept_deletions=accept_deletions)
+    tree.metrics.watch(lambda: gauges_of(state))
     app = web.Application(middlewares=[in_flight_middleware, metrics_middleware,
                                        error_middleware, browser_middleware, auth_middleware],
                           client_max_size=JSON_BODY_LIMIT)
@@ -3418,8 +3760,9 @@ def monotonic_usec() -> int:
 
 async def status_line(state: State) -> str:
     """STATUS= for systemctl status."""
-    files = state.store.live_files
-    return f"STATUS=serving {files} files, {len(state.hub.connections)} clients connected"
+    tree = state.tree
+    return (f"STATUS=serving {tree.store.live_files} files, {len(tree.hub.connections)} "
+            "clients connected")
 
 
 async def send_watchdog(notifier: Notifier, interval: float) -> None:
@@ -3443,8 +3786,7 @@ def apply_config(state: State, new: Config) -> None:
     for name in RESTART_SETTINGS:
         if getattr(new, name) != getattr(old, name):
             log.warning("%s changed in the configuration: it takes effect after a restart", name)
-    state.config = replace(new, **{name: getattr(old, name) for name in RESTART_SETTINGS})
-    state.hub.configure(state.config)
+    state.tree.configure(replace(new, **{name: getattr(old, name) for name in RESTART_SETTINGS}))
 
 
 async def reload_config(state: State, notifier: Notifier,
@@ -3575,7 +3917,7 @@ async def drain(listener: asyncio.AbstractServer, state: State) -> None:
     """
     state.stopping = True
     listener.close()          # no new connections; the open ones go on
-    await state.hub.close_all(WS_CLOSE_GOING_AWAY)
+    await state.tree.hub.close_all(WS_CLOSE_GOING_AWAY)
     if state.in_flight:
         log.info("waiting for %d request(s) in flight", state.in_flight)
         try:
@@ -3607,17 +3949,12 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
         log.error("%s", exc)
         await runner.cleanup()
         return EXIT_MASS_VANISH
-    except (OSError, sqlite3.Error) as exc:
+    except StorageUnusable as exc:
         log.error("cannot start: the sync directory or its database is unusable: %s", exc)
         await runner.cleanup()
         return EXIT_STORAGE
-    tasks: set[asyncio.Task[None]] = set()
+    tasks = Background()
     loop = asyncio.get_running_loop()
-
-    def spawn(work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
     try:
         descriptors = raise_descriptor_limit()
         cap = connection_cap(config.max_connections, descriptors)
@@ -3636,20 +3973,19 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
         log.info("syncd %s listening on http://%s:%d", __version__, config.host, config.port)
         notifier.send("READY=1", await status_line(state))
         if notifier.watchdog_interval:
-            spawn(send_watchdog(notifier, notifier.watchdog_interval))
-        spawn(send_status(notifier, state))
+            tasks.spawn(send_watchdog(notifier, notifier.watchdog_interval))
+        tasks.spawn(send_status(notifier, state))
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         if load is not None:
-            loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload_config(state, notifier, load)))
+            loop.add_signal_handler(signal.SIGHUP, lambda: tasks.spawn(reload_config(state, notifier, load)))
         await stop.wait()
         log.info("shutting down")
         notifier.send("STOPPING=1", "STATUS=shutting down")
         await drain(listener, state)
     finally:
-        for task in list(tasks):
-            task.cancel()
+        await tasks.cancel()
         await runner.cleanup()
         notifier.close()
     log.info("stopped")
@@ -3679,21 +4015,24 @@ EXIT_CLIENT_FAILED = 1
 
 
 class ClientError(Exception):
-    """A pass cannot go on (the server refused us, or the folder looks unmounted)."""
+    """A pass cannot go on: the server refused us, or sent what we cannot use (retried)."""
 
 
-class FolderVanished(ClientError):
-    """Most tracked files are gone from the folder: refuse to push their deletion."""
+def from_server(parse: Callable[[], T], what: str) -> T:
+    """parse() of data the server sent; ClientError when it is malformed (a KeyError or
+    ValueError anywhere else is a bug of ours, which the client does not retry)."""
+    try:
+        return parse()
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
+        raise ClientError(f"malformed {what} from the server ({type(exc).__name__}: {exc})") \
+            from None
 
 
 def server_path(raw: Any) -> str:
     """A path the server sent, checked with the server's own rules (a hostile or broken
     server, or anyone on a plain-HTTP path, must not make us write outside the folder)."""
-    try:
-        if isinstance(raw, str) and validate_path(raw) == raw:
-            return raw
-    except ApiError:
-        pass
+    if isinstance(raw, str) and is_stored_form(raw):
+        return raw
     raise ClientError(f"invalid path from the server, refused: {raw!r}")
 
 
@@ -3711,6 +4050,11 @@ class LocalFile:
         """The mtime in Unix seconds."""
         return self.mtime_ns / 1e9
 
+    def entry(self, base: LocalFile | None) -> ClientEntry:
+        """This file as a /sync listing names it (base "": it never came from the server)."""
+        return ClientEntry(self.path, self.checksum, self.size, self.modified_time,
+                           base.checksum if base else "")
+
 
 @dataclass(frozen=True, slots=True)
 class RemoteChange:
@@ -3726,10 +4070,19 @@ class RemoteChange:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RemoteChange:
         """From a /changes entry or a file_changed / file_deleted event."""
-        kind = data.get("type")
-        kind = "upsert" if kind in ("upsert", "file_changed") else "delete"
-        return cls(int(data["seq"]), kind, server_path(data["path"]), str(data.get("checksum", "")),
-                   float(data.get("modified_time", 0.0)), str(data.get("client_id", "")))
+        kind = "upsert" if data.get("type") in ("upsert", "file_changed") else "delete"
+        path = server_path(data.get("path"))
+        return from_server(lambda: cls(
+            int(data["seq"]), kind, path, str(data.get("checksum", "")),
+            float(data.get("modified_time", 0.0)), str(data.get("client_id", ""))), "change")
+
+    def server_record(self, base: LocalFile | None) -> FileRecord:
+        """The server's state of the path after this change, as /sync planning takes it.
+        Changes are applied in seq order, so a deletion removed what we hold as our base."""
+        deleted = self.type == "delete"
+        checksum = (base.checksum if base else "") if deleted else self.checksum
+        return FileRecord(self.path, checksum, 0, self.modified_time, self.seq, deleted,
+                          time.time(), self.client_id)
 
 
 @dataclass
@@ -3858,12 +4211,15 @@ def hash_local(path: Path) -> tuple[str, os.stat_result] | None:
         return None
 
 
-def local_file(folder: Path, path: str, base: LocalFile | None) -> LocalFile | None:
-    """The current state of one local file (unread when size and mtime match its base)."""
-    try:
-        status = os.lstat(folder / path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+def local_file(folder: Path, path: str, base: LocalFile | None,
+               status: os.stat_result | None = None) -> LocalFile | None:
+    """The current state of one local file (unread when size and mtime match its base);
+    status: its lstat, when a scan has it already."""
+    if status is None:
+        try:
+            status = os.lstat(folder / path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
     if not stat.S_ISREG(status.st_mode):
         return None
     if base is not None and (base.size, base.mtime_ns) == (status.st_size, status.st_mtime_ns):
@@ -3876,29 +4232,16 @@ def local_file(folder: Path, path: str, base: LocalFile | None) -> LocalFile | N
 
 
 def scan_folder(folder: Path, rules: IgnoreRules,
-                bases: Mapping[str, LocalFile]) -> tuple[dict[str, LocalFile], list[str]]:
-    """Every syncable file in folder (rehashing only what changed), and what was skipped."""
+                bases: Mapping[str, LocalFile]) -> tuple[dict[str, LocalFile], TreeScan]:
+    """Every syncable file in folder (rehashing only what changed), and the walk itself
+    (what it skipped, what it could not read): the server's scan_tree, with the ignore rules."""
+    scan = scan_tree(folder, rules.ignored)
     found: dict[str, LocalFile] = {}
-    skipped: list[str] = []
-    for current, subfolders, names in os.walk(folder):
-        relative = os.path.relpath(current, folder)
-        prefix = "" if relative == "." else relative + "/"
-        subfolders[:] = [name for name in subfolders if not rules.ignored(prefix + name)]
-        for name in names:
-            path = prefix + name
-            if rules.ignored(path):
-                continue
-            try:
-                valid = validate_path(path)
-            except ApiError:
-                valid = ""
-            if valid != path:
-                skipped.append(path)
-                continue
-            local = local_file(folder, path, bases.get(path))
-            if local is not None:
-                found[path] = local
-    return found, skipped
+    for path, status in scan.found.items():
+        local = local_file(folder, path, bases.get(path), status)
+        if local is not None:
+            found[path] = local
+    return found, scan
 
 
 def conflict_name(path: str, client_id: str, when: float, exists: Callable[[str], bool]) -> str:
@@ -3964,48 +4307,61 @@ class SyncClient:
             self.rules = IgnoreRules(self.folder)   # .syncignore may have changed since
             await self.check_server()       # a reset server: bases are forgotten, nothing deleted
             bases = self.state.bases()
-            local, skipped = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
-            for path in skipped:
-                client_log.warning("skip path=%s reason=not-a-valid-path", path)
-            missing = self.vanished(bases, local)
-            for path in missing:
+            local, scan = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
+            for path in scan.skipped:
+                client_log.warning("skip path=%s reason=not-a-regular-file-or-valid-path", path)
+            for path in self.vanished(bases, local, scan):
                 await self.push_delete(bases[path], report)
             await self.call("POST", "/register", json={
                 "client_id": self.client_id, "name": socket.gethostname(),
                 "platform": sys.platform, "version": __version__})
-            entries = [{"path": f.path, "checksum": f.checksum, "size": f.size,
-                        "modified_time": f.modified_time,
-                        "base_checksum": bases[f.path].checksum if f.path in bases else ""}
-                       for f in local.values()]
+            entries = [f.entry(bases.get(f.path)).to_json() for f in local.values()]
             status, plan = await self.call("POST", "/sync", json={
                 "client_id": self.client_id, "files": entries})
             if status != 200:
                 raise ClientError(f"/sync answered {status}: {plan}")
-            for path in self.planned(plan, "upload", report):
-                if path in local:
-                    await self.push_file(path, local[path], report)
-            for path, entry in self.planned(plan, "download", report):
-                await self.pull(path, entry["modified_time"], report, scanned=local.get(path))
-            for path, _ in self.planned(plan, "delete", report):
-                self.delete_here(path, local.get(path), report)
-            for path, _ in self.planned(plan, "conflicts", report):
-                await self.resolve_conflict(path, report)
-            self.state.cursor = max(self.state.cursor, int(plan["cursor"]))
+            await self.carry_out(plan, local, bases, report)
+            self.state.cursor = max(self.state.cursor,
+                                    from_server(lambda: int(plan["cursor"]), "/sync answer"))
         return report
 
-    def vanished(self, bases: Mapping[str, LocalFile], local: Mapping[str, LocalFile]) -> list[str]:
-        """Tracked paths gone from the folder; FolderVanished when most are (and no
+    async def carry_out(self, plan: Mapping[str, Any], local: Mapping[str, LocalFile],
+                        bases: Mapping[str, LocalFile], report: PassReport) -> None:
+        """Do what a plan (the contract's SyncResponse) says for the files listed in local;
+        a listed file it leaves alone is in sync, and becomes its path's base."""
+        planned: set[str] = set()
+        for path in self.planned(plan, "upload", report):
+            planned.add(path)
+            if path in local:
+                await self.push_file(path, local[path], report)
+        for path, entry in self.planned(plan, "download", report):
+            planned.add(path)
+            modified_time = from_server(lambda: float(entry["modified_time"]), "/sync answer")
+            await self.pull(path, modified_time, report, scanned=local.get(path))
+        for path, _ in self.planned(plan, "delete", report):
+            planned.add(path)
+            self.delete_here(path, local.get(path), report)
+        for path, _ in self.planned(plan, "conflicts", report):
+            planned.add(path)
+            await self.resolve_conflict(path, report)
+        for path, in_sync in local.items():
+            if path not in planned and bases.get(path) != in_sync:
+                self.state.set_base(in_sync)
+
+    def vanished(self, bases: Mapping[str, LocalFile], local: Mapping[str, LocalFile],
+                 scan: TreeScan) -> list[str]:
+        """Tracked paths gone from the folder; MassVanish when most are (and no
         --accept-deletions). A tracked path that is now ignored is not gone: it is
-        simply no longer synced, so its base is forgotten and nothing is deleted."""
+        simply no longer synced, so its base is forgotten and nothing is deleted; one
+        that could not be looked at (an unreadable folder) is not gone either."""
         for path in [path for path in bases if self.rules.ignored(path)]:
             self.state.drop_base(path)
         tracked = [path for path in bases if not self.rules.ignored(path)]
-        missing = [path for path in tracked if path not in local]
-        if is_mass_vanish(len(missing), len(tracked)) and not self.accept_deletions:
-            raise FolderVanished(
-                f"{len(missing)} of the {len(tracked)} tracked files are missing from "
-                f"{self.folder} (an unmounted folder?): not pushing their deletion. If they "
-                "were deleted on purpose, run once with --accept-deletions.")
+        missing = [path for path in tracked if path not in local and not scan.hides(path)]
+        guard_vanished(len(missing), len(tracked), self.accept_deletions, (
+            "{missing} of the {known} tracked files are missing from "
+            f"{self.folder} (an unmounted folder?): not pushing their deletion. If they "
+            "were deleted on purpose, run once with --accept-deletions."))
         return missing
 
     def planned(self, plan: Mapping[str, Any], key: str, report: PassReport) -> list[Any]:
@@ -4030,7 +4386,8 @@ class SyncClient:
         when it was reset or restored: resync as a union, delete nothing."""
         async with self.session.get(self.url("/health")) as response:
             health = await response.json()
-        epoch, cursor = str(health["epoch"]), int(health["cursor"])
+        epoch, cursor = from_server(lambda: (str(health["epoch"]), int(health["cursor"])),
+                                    "/health answer")
         known = self.state.get("epoch")
         if known is None:
             self.state.put("epoch", epoch)
@@ -4202,26 +4559,21 @@ class SyncClient:
     # -- live -----------------------------------------------------------------------
 
     async def apply_remote(self, change: RemoteChange, report: PassReport) -> None:
-        """Apply another client's change to this folder."""
+        """Apply another client's change to this folder: by the contract's own /sync rules
+        (plan_sync), with this folder's copy as the listing and the change as the server."""
         async with self.lock:
             if change.seq <= self.state.cursor:
                 return
             if change.client_id != self.client_id and not self.rules.ignored(change.path):
                 base = self.state.base(change.path)
                 local = local_file(self.folder, change.path, base)
-                if change.type == "upsert":
-                    if local is not None and local.checksum == change.checksum:
-                        self.state.set_base(local)
-                    elif local is not None and (base is None or local.checksum != base.checksum):
-                        await self.resolve_conflict(change.path, report)
-                    else:
-                        await self.pull(change.path, change.modified_time, report, scanned=local)
-                elif local is None:
+                listed = {} if local is None else {change.path: local}
+                plan = plan_sync([f.entry(base) for f in listed.values()],
+                                 {change.path: change.server_record(base)})
+                await self.carry_out(plan.to_json("", change.seq), listed,
+                                     {change.path: base} if base else {}, report)
+                if local is None and change.type == "delete":
                     self.state.drop_base(change.path)
-                elif base is not None and local.checksum == base.checksum:
-                    self.delete_here(change.path, local, report)
-                else:     # edited here, deleted there: a modification beats a deletion
-                    await self.push_file(change.path, local, report)
             self.state.cursor = change.seq
 
     async def push_paths(self, paths: Iterable[str], report: PassReport) -> None:
@@ -4266,17 +4618,19 @@ class SyncClient:
                 "since": str(self.state.cursor), "limit": "1000"})
             if status != 200:
                 raise ClientError(f"/changes answered {status}")
-            for entry in page["changes"]:
+            entries, has_more = from_server(
+                lambda: (list(page["changes"]), bool(page["has_more"])), "/changes answer")
+            for entry in entries:
                 change = self.remote_change(entry, report)
                 if change is not None:
                     await self.apply_remote(change, report)
-            if not page["has_more"]:
+            if not has_more:
                 break
         bases = self.state.bases()
-        local, _ = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
+        local, scan = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
         changed = [path for path, f in local.items()
                    if path not in bases or bases[path].checksum != f.checksum]
-        await self.push_paths(changed + self.vanished(bases, local), report)
+        await self.push_paths(changed + self.vanished(bases, local, scan), report)
         return report
 
     @staticmethod
@@ -4286,7 +4640,8 @@ class SyncClient:
             return RemoteChange.from_json(entry)
         except ClientError as exc:
             client_log.error("%s", exc)
-            report.failed.append(f"{entry.get('path')!r} (invalid path from the server)")
+            path = entry.get("path") if isinstance(entry, Mapping) else entry
+            report.failed.append(f"{path!r} ({exc})")
             return None
 
     async def listen(self, ws: Any) -> None:
@@ -4295,7 +4650,7 @@ class SyncClient:
         async for message in ws:
             if message.type != WSMsgType.TEXT:
                 continue
-            event = json.loads(message.data)
+            event = from_server(lambda: dict(json.loads(message.data)), "WebSocket event")
             if event.get("type") in ("file_changed", "file_deleted"):
                 change = self.remote_change(event, report)
                 if change is not None:
@@ -4339,8 +4694,10 @@ class SyncClient:
                     ws_url = self.url("/ws/", self.client_id)
                     async with self.session.ws_connect(ws_url, headers=self.headers,
                                                        heartbeat=30.0) as ws:
-                        hello = await ws.receive_json(timeout=30)
-                        if first or hello["epoch"] != self.state.get("epoch"):
+                        hello = await ws.receive(timeout=30)
+                        epoch = from_server(lambda: str(json.loads(hello.data)["epoch"]),
+                                            "WebSocket hello")
+                        if first or epoch != self.state.get("epoch"):
                             print((await self.full_pass()).summary(), flush=True)
                             first = False
                         else:
@@ -4350,10 +4707,8 @@ class SyncClient:
                         delay = 1.0
                         client_log.info("live server=%s cursor=%d", self.server, self.state.cursor)
                         await self.listen(ws)
-                except FolderVanished:
-                    raise
-                except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, ClientError,
-                        KeyError, ValueError) as exc:
+                except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError,
+                        ClientError) as exc:   # anything else is a bug: run_client stops
                     client_log.warning("disconnected: %s; retrying in %.0f s", exc or type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_DELAY)
@@ -4371,22 +4726,26 @@ def draw_progress(label: str, done: int, total: int) -> None:
     sys.stdout.flush()
 
 
-def client_parser() -> argparse.ArgumentParser:
-    """Flags of `python syncd.py client`."""
-    parser = argparse.ArgumentParser(
-        prog="syncd.py client", description="Keep a folder in sync with a syncd server.")
+def add_client_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `python syncd.py client`."""
     parser.add_argument("folder", help="the folder to sync (created if missing)")
-    parser.add_argument("--server", required=True, help="e.g. http://192.0.2.10:8000")
-    parser.add_argument("--client-id", help="this device's id (default: the host name)")
+    parser.add_argument("--server", required=True, metavar="URL",
+                        help="the server, e.g. http://192.0.2.10:8000")
+    parser.add_argument("--client-id", metavar="ID",
+                        help="this device's id, kept in FOLDER/.syncd-client/ "
+                             "(default: the one kept there, else the host name)")
     keys = parser.add_mutually_exclusive_group()
-    keys.add_argument("--api-key", help="the server's API key")
-    keys.add_argument("--api-key-file", help="a file holding the API key")
+    keys.add_argument("--api-key", metavar="KEY", help="the server's API key (default: none)")
+    keys.add_argument("--api-key-file", metavar="PATH",
+                      help="a file holding only the server's API key")
     parser.add_argument("--once", action="store_true",
-                        help="one full pass, then exit (0, or 1 if anything failed)")
+                        help="one full pass, then exit: 0, 1 if anything failed, 3 if most "
+                             "tracked files are gone (default: stay connected and live)")
     parser.add_argument("--accept-deletions", action="store_true",
-                        help="push deletions even when most tracked files are gone")
-    parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
-    return parser
+                        help="push deletions even when most tracked files are gone "
+                             "(default: refuse, exit 3)")
+    parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS,
+                        help="how much to log (default: info)")
 
 
 async def run_client(args: argparse.Namespace, api_key: str | None) -> int:
@@ -4409,19 +4768,21 @@ async def run_client(args: argparse.Namespace, api_key: str | None) -> int:
                 return EXIT_CLIENT_FAILED if report.failed else 0
             await client.run_live()
             return 0
-    except FolderVanished as exc:
+    except MassVanish as exc:
         client_log.error("%s", exc)
         return EXIT_MASS_VANISH
     except (ClientError, aiohttp.ClientError, OSError) as exc:
         client_log.error("sync failed: %s", exc)
         return EXIT_CLIENT_FAILED
+    except Exception:      # a bug of ours: retrying would only repeat it
+        client_log.exception("the client stopped on an internal error")
+        return EXIT_CLIENT_FAILED
     finally:
         client.state.close()
 
 
-def client_main(argv: Sequence[str]) -> int:
+def client_main(args: argparse.Namespace) -> int:
     """`python syncd.py client ...`."""
-    args = client_parser().parse_args(argv)
     client_id = args.client_id
     if client_id is not None and not CLIENT_ID_RE.fullmatch(client_id):
         print("syncd client: --client-id must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
@@ -4443,34 +4804,84 @@ def client_main(argv: Sequence[str]) -> int:
 # CLI
 # ===========================================================================
 
-def server_parser() -> argparse.ArgumentParser:
-    """Flags of `python syncd.py`: one per setting, each overriding syncd.toml and SYNCD_*."""
-    parser = argparse.ArgumentParser(
-        prog="syncd.py", description="syncd: a self-hosted file synchronization server.")
-    parser.add_argument("--config", help="the TOML file to read (default: ./syncd.toml if present)")
-    parser.add_argument("--check-config", action="store_true",
-                        help="validate the configuration, print the effective settings, exit 0 or 2")
-    parser.add_argument("--accept-deletions", action="store_true",
-                        help="record as deleted the files missing from the tree, even if most are")
-    parser.add_argument("--version", action="version", version=f"syncd {__version__}")
+FLAG_METAVARS = {"host": "ADDRESS", "sync_directory": "PATH", "api_key": "KEY",
+                 "api_key_file": "PATH"}
+PARSER_METAVARS = {parse_port: "PORT", parse_size: "SIZE", parse_seconds: "SECONDS",
+                   parse_positive_whole: "N", parse_extensions: "LIST", parse_origins: "LIST",
+                   parse_hosts: "LIST", parse_log_level: "LEVEL"}
+
+
+def toml_value(value: Any) -> str:
+    """A setting's value as syncd.toml spells it."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return json.dumps(list(value))
+    return json.dumps(value)
+
+
+def add_serve_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The flags of `python syncd.py [serve]`: one per setting, each overriding syncd.toml
+    and SYNCD_*; default is None on the top parser, SUPPRESS on `serve`'s own (so that
+    neither parser unsets what the other was given)."""
+    parser.add_argument("--config", metavar="PATH", default=default,
+                        help="the TOML file to read (default: $SYNCD_CONFIG, else ./syncd.toml "
+                             "if present)")
+    parser.add_argument("--check-config", action="store_true", default=default,
+                        help="validate the configuration, print the effective settings, "
+                             "exit 0 (or 2 when it is bad)")
+    parser.add_argument("--accept-deletions", action="store_true", default=default,
+                        help="at start-up, record as deleted the files missing from the tree, "
+                             "even if most are (default: refuse to start, exit 3)")
+    group = parser.add_argument_group(
+        "settings", "Each flag overrides its key in syncd.toml and SYNCD_<KEY> (e.g. "
+        "SYNCD_PORT). Lists are comma-separated; sizes like 100MB or 1GiB.")
     for setting in fields(Config):
         flag = "--" + setting.name.replace("_", "-")
-        if setting.name == "allow_case_clash":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        text = (f"{setting.metadata['help']} (syncd.toml: {setting.name}; "
+                f"default: {toml_value(setting.default)})").replace("%", "%%")
+        if SETTING_PARSERS[setting.name] is parse_bool:
+            group.add_argument(flag, dest=setting.name, action=argparse.BooleanOptionalAction,
+                               default=default, help=text)
         else:
-            parser.add_argument(flag, dest=setting.name, metavar="VALUE", default=None)
+            metavar = (FLAG_METAVARS.get(setting.name)
+                       or PARSER_METAVARS.get(SETTING_PARSERS[setting.name], "VALUE"))
+            group.add_argument(flag, dest=setting.name, metavar=metavar, default=default,
+                               help=text)
+
+
+def main_parser() -> argparse.ArgumentParser:
+    """`python syncd.py`: serve (the default) or another command, each with its flags."""
+    parser = argparse.ArgumentParser(
+        prog="syncd.py", description="syncd: a self-hosted file synchronization server. With "
+        "no command it serves, with the flags below.",
+        epilog="`syncd.py COMMAND --help` shows a command's own flags.")
+    parser.add_argument("--version", action="version", version=f"syncd {__version__}")
+    add_serve_flags(parser, None)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    serve = commands.add_parser("serve", help="run the server (the default command)",
+                                description="Run the syncd server.")
+    add_serve_flags(serve, argparse.SUPPRESS)
+    client = commands.add_parser(
+        "client", help="keep a folder in sync with a syncd server",
+        description="Keep a folder in sync with a syncd server, through its public API.")
+    add_client_flags(client)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: `client ...` runs the client; otherwise load the config (exit 2 on
-    a bad one) and serve."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["client"]:
-        return client_main(argv[1:])
-    args = server_parser().parse_args(argv)
-    flags = {key: value for key, value in vars(args).items()
-             if key not in ("config", "check_config", "accept_deletions")}
+    """Entry point: run the command the arguments name (serve by default)."""
+    args = main_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command == "client":
+        return client_main(args)
+    return serve_main(args)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """`python syncd.py [serve]`: load the config (exit 2 on a bad one) and serve."""
+    flags = {setting.name: getattr(args, setting.name) for setting in fields(Config)}
 
     def load() -> Config:
         return load_config(args.config, os.environ, flags)
@@ -4488,7 +4899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if warning := key_file_warning(config):
         log.warning("%s", warning)
     try:
-        return asyncio.run(run_daemon(config, load, accept_deletions=args.accept_deletions))
+        return asyncio.run(run_daemon(config, load, accept_deletions=bool(args.accept_deletions)))
     except KeyboardInterrupt:
         return 0
 

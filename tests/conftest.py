@@ -9,6 +9,7 @@ import pwd
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import sysconfig
@@ -89,10 +90,19 @@ async def error_of(response: Any, status: int) -> dict[str, Any]:
 
 async def recovered(client: Any) -> Any:
     """The client, once the app's background rehash of changed files is done."""
-    task = client.server.app[syncd.STATE].recovery
+    task = client.server.app[syncd.STATE].tree.recovery
     if task is not None:
         await task
     return client
+
+
+def sqlite_error(code: int, message: str) -> sqlite3.OperationalError:
+    """The error SQLite raises with this result code (as a failing disk or database would)."""
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorcode = code
+    error.sqlite_errorname = next(name for name in dir(sqlite3) if name.startswith("SQLITE_")
+                                  and getattr(sqlite3, name) == code)
+    return error
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
@@ -266,6 +276,7 @@ class Clients:
         self.tmp_path = tmp_path
         self.server = server
         self.live: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Any] = []
         for name in ("A", "B", "C"):
             (tmp_path / name).mkdir()
 
@@ -284,6 +295,7 @@ class Clients:
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
         log = open(self.tmp_path / f"client-{name}.log", "ab")
+        self.logs.append(log)
         process = subprocess.Popen(self.command(name), stdout=log, stderr=subprocess.STDOUT)
         self.live.append(process)
         wait_until(lambda: "live server=" in self.log(name) or process.poll() is not None,
@@ -304,6 +316,8 @@ class Clients:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait(timeout=10)
+        for log in self.logs:
+            log.close()
 
 
 @pytest.fixture

@@ -541,8 +541,22 @@ async def test_changes_pages_with_has_more(client: Any) -> None:
     assert entry["size"] == 2 and entry["time"] > 0 and empty["epoch"]
 
 
-async def test_changes_limit_is_capped(client: Any) -> None:
-    assert (await client.get("/changes", params={"limit": "999999"})).status == 200
+async def test_changes_limit_is_capped(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(syncd, "CHANGES_MAX_LIMIT", 3)
+    for index in range(5):
+        await put(client, f"f{index}", b"x")
+    body = await (await client.get("/changes", params={"limit": "999999"})).json()
+    assert [change["seq"] for change in body["changes"]] == [1, 2, 3]
+    assert body["has_more"] is True and body["cursor"] == 3
+
+
+async def test_sync_notes_when_the_client_was_last_seen(client: Any) -> None:
+    await client.post("/register", json={"client_id": "laptop"})
+    before = (await (await client.get("/clients")).json())["clients"][0]["last_seen"]
+    await asyncio.sleep(0.05)
+    assert (await client.post("/sync", json={"client_id": "laptop", "files": []})).status == 200
+    after = (await (await client.get("/clients")).json())["clients"][0]["last_seen"]
+    assert after >= before + 0.05
 
 
 @pytest.mark.parametrize("query", [{"since": "-1"}, {"since": "x"}, {"limit": "0"},
@@ -572,7 +586,7 @@ async def test_internal_error_hides_details(client: Any, monkeypatch: pytest.Mon
                                             data_dir: Path) -> None:
     async def broken(self: Any) -> Any:
         raise RuntimeError(f"boom at {data_dir}/secret")
-    monkeypatch.setattr(syncd.MetadataStore, "list_clients", broken)
+    monkeypatch.setattr(syncd.SQLiteStore, "list_clients", broken)
     response = await client.get("/clients")
     body = await error_of(response, 500)
     assert body == {"error": "internal", "message": "internal server error"}
@@ -582,7 +596,7 @@ async def test_internal_error_hides_details(client: Any, monkeypatch: pytest.Mon
 async def test_download_racing_an_upload_never_pairs_old_bytes_with_new_metadata(
         client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     await put(client, "race.txt", b"old bytes")
-    real_get = syncd.MetadataStore.get
+    real_get = syncd.SQLiteStore.get
     raced = []
 
     async def get_after_an_upload(self: Any, path: str) -> Any:
@@ -590,7 +604,7 @@ async def test_download_racing_an_upload_never_pairs_old_bytes_with_new_metadata
             raced.append(True)
             assert (await put(client, "race.txt", b"new bytes, longer")).status == 200
         return await real_get(self, path)
-    monkeypatch.setattr(syncd.MetadataStore, "get", get_after_an_upload)
+    monkeypatch.setattr(syncd.SQLiteStore, "get", get_after_an_upload)
     response = await client.get("/download/race.txt")
     body = await response.read()
     assert raced and response.headers["ETag"] == f'"{sha(body)}"'

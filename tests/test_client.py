@@ -10,11 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from conftest import ROOT, Clients, tree, wait_until, write
-
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 def converged(clients: Clients, *names: str) -> bool:

@@ -3,6 +3,7 @@ folder is ever touched, and a file the user stops syncing is not deleted anywher
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import subprocess
 import sys
@@ -13,10 +14,7 @@ import pytest
 from aiohttp import web
 
 import syncd
-from conftest import ROOT, Clients, free_port, sha, tree, write
-
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
+from conftest import ROOT, Clients, free_port, make_config, sha, tree, write
 
 def test_a_newly_ignored_file_is_not_deleted_anywhere(clients: Clients) -> None:
     a, b = clients.folder("A"), clients.folder("B")
@@ -155,3 +153,23 @@ def test_remote_change_with_a_bad_path_is_refused(tmp_path: Path) -> None:
                                           "checksum": sha(b"x")})
     change = syncd.RemoteChange.from_json({"type": "file_deleted", "seq": 2, "path": "ok/a"})
     assert (change.type, change.path) == ("delete", "ok/a")
+
+
+async def test_a_bug_stops_the_live_client_instead_of_retrying_for_ever(
+        aiohttp_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    server = await aiohttp_server(syncd.make_app(make_config(tmp_path)))
+
+    async def buggy(self: Any) -> Any:
+        raise KeyError("a bug")
+    monkeypatch.setattr(syncd.SyncClient, "full_pass", buggy)
+    args = argparse.Namespace(folder=str(tmp_path / "mine"), server=str(server.make_url("")),
+                              client_id="dev", once=False, accept_deletions=False)
+    code = await asyncio.wait_for(syncd.run_client(args, None), timeout=20)
+    assert code == syncd.EXIT_CLIENT_FAILED
+    assert "internal error" in caplog.text and "KeyError: 'a bug'" in caplog.text
+
+
+async def test_a_malformed_event_is_retried_not_fatal(tmp_path: Path) -> None:
+    with pytest.raises(syncd.ClientError, match="malformed change"):
+        syncd.RemoteChange.from_json({"type": "upsert", "path": "ok", "seq": "not a number"})

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 import syncd
-from conftest import error_of, put, sha, tmp_files, upload
+from conftest import error_of, put, sha, sqlite_error, tmp_files, upload
 
 
 def db_rows(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
@@ -31,8 +31,8 @@ class Fault:
             "fsync": (syncd.os, "fsync"),
             "link": (syncd.os, "link"),
             "rename": (syncd.os, "rename"),
-            "journal": (syncd.Transaction, "record_upsert"),
-            "commit": (syncd.Transaction, "record_upsert"),
+            "journal": (syncd.SQLiteTransaction, "record_upsert"),
+            "commit": (syncd.SQLiteTransaction, "record_upsert"),
         }[step]
         real = getattr(target, name)
         fault = self
@@ -79,8 +79,8 @@ async def test_a_fault_at_any_step_leaves_the_old_file(client: Any, data_dir: Pa
                                                        exc: OSError, status: int, code: str) -> None:
     await put(client, "doc.txt", b"old version")
     fault = Fault(monkeypatch, step, exc if step not in ("journal", "commit")
-                  else sqlite3.OperationalError("database or disk is full" if exc.errno == errno.ENOSPC
-                                                else "disk I/O error"))
+                  else sqlite_error(sqlite3.SQLITE_FULL, "database or disk is full")
+                  if exc.errno == errno.ENOSPC else sqlite_error(sqlite3.SQLITE_IOERR, "disk I/O error"))
     async with client.ws_connect("/ws/watcher") as ws:
         await ws.receive_json(timeout=5)
         fault.armed = True
@@ -117,8 +117,8 @@ async def test_a_fault_during_delete_keeps_the_file(client: Any, data_dir: Path,
     await put(client, "a.txt", b"keep me")
 
     async def failing(*args: Any) -> Any:
-        raise sqlite3.OperationalError("database or disk is full")
-    monkeypatch.setattr(syncd.Transaction, "record_delete", failing)
+        raise sqlite_error(sqlite3.SQLITE_FULL, "database or disk is full")
+    monkeypatch.setattr(syncd.SQLiteTransaction, "record_delete", failing)
     body = await error_of(await client.delete("/files/a.txt", params={"client_id": "x"}), 507)
     assert body["error"] == "insufficient_storage"
     assert (data_dir / "a.txt").read_bytes() == b"keep me" and tmp_files(data_dir) == []
@@ -135,9 +135,9 @@ async def test_read_only_storage_refuses_writes_and_serves_reads(client: Any, da
         return real_open(path, flags, *args, **kwargs)
 
     async def read_only_db(*args: Any) -> Any:
-        raise sqlite3.OperationalError("attempt to write a readonly database")
+        raise sqlite_error(sqlite3.SQLITE_READONLY, "attempt to write a readonly database")
     monkeypatch.setattr(syncd.os, "open", read_only)
-    monkeypatch.setattr(syncd.MetadataStore, "touch_client", read_only_db)
+    monkeypatch.setattr(syncd.SQLiteStore, "touch_client", read_only_db)
     body = await error_of(await put(client, "b.txt", b"x"), 503)
     assert body["error"] == "storage_unavailable" and "read-only" in body["message"]
     assert (await error_of(await upload(client, "b.txt", b"x"), 503))["error"] == "storage_unavailable"

@@ -317,4 +317,20 @@ async def test_a_file_changed_behind_our_back_is_503_until_rehashed(app_client: 
     response = await client.get("/download/doc.txt")
     assert response.status == 200 and await response.read() == b"edited while syncd was stopped"
     assert response.headers["ETag"] == f'"{sha(b"edited while syncd was stopped")}"'
-    assert client.server.app[syncd.STATE].rehashing == set()
+    assert client.server.app[syncd.STATE].tree.rehashing == set()
+
+
+async def test_a_client_write_ends_the_503_of_its_path_at_once(app_client: Any, data_dir: Path,
+                                                              monkeypatch: Any) -> None:
+    client = await app_client()
+    await put(client, "doc.txt", b"as recorded")
+    await client.close()
+    (data_dir / "doc.txt").write_bytes(b"edited while syncd was stopped")
+    release = hold_rehash(monkeypatch, before=True)
+    client = await app_client()
+    assert (await client.get("/download/doc.txt")).status == 503
+    assert (await put(client, "doc.txt", b"v2 from a client")).status == 200
+    response = await client.get("/download/doc.txt")    # the rehash is still held
+    assert response.status == 200 and await response.read() == b"v2 from a client"
+    release.set()
+    await recovered(client)

@@ -26,7 +26,7 @@ def db_totals(data_dir: Path) -> tuple[int, int]:
 
 async def test_health_keeps_its_counters_in_memory(client: Any) -> None:
     await put(client, "a", b"a")
-    store = client.server.app[syncd.STATE].store
+    store = client.server.app[syncd.STATE].tree.store
     statements: list[str] = []
     await store.reader.set_trace_callback(statements.append)
     try:
@@ -52,12 +52,12 @@ async def test_live_counters_follow_every_kind_of_change(app_client: Any, data_d
     await put(client, "dir/1", b"back")                # re-created after its tombstone
     await client.delete("/files/dir", params={"client_id": "x"})
     await put(client, "b", b"bbb")
-    real = syncd.Transaction.record_upsert
+    real = syncd.SQLiteTransaction.record_upsert
 
     async def failing(*args: Any) -> Any:              # the row is written, the commit fails
         await real(*args)
         raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(syncd.Transaction, "record_upsert", failing)
+    monkeypatch.setattr(syncd.SQLiteTransaction, "record_upsert", failing)
     assert (await put(client, "c", b"never")).status == 503
     monkeypatch.undo()
 
@@ -71,12 +71,12 @@ async def test_live_counters_follow_every_kind_of_change(app_client: Any, data_d
     await client.close()
     (data_dir / "added-by-admin").write_bytes(b"12345")
     client = await app_client()
-    await client.server.app[syncd.STATE].recovery
+    await client.server.app[syncd.STATE].tree.recovery
     assert await reported() == db_totals(data_dir) == (3, 10)
 
 
 async def test_a_big_folder_delete_lets_downloads_through_between_batches(client: Any) -> None:
-    store = client.server.app[syncd.STATE].store
+    store = client.server.app[syncd.STATE].tree.store
     await put(client, "other.txt", b"read me")
     for index in range(3 * syncd.DELETE_BATCH + 17):
         await put(client, f"big/{index % 7}/{index}", b"%d" % index)
@@ -103,7 +103,7 @@ async def test_a_file_written_into_the_folder_during_its_delete_stays(
     for index in range(syncd.DELETE_BATCH + 5):
         await put(client, f"big/{index}", b"old")
     late = sorted(f"big/{index}" for index in range(syncd.DELETE_BATCH + 5))[-1]   # last batch
-    real = syncd.finish_delete_batch
+    real = syncd.Tree.finish_delete_batch
     calls = 0
 
     async def write_after_first_batch(*args: Any) -> None:
@@ -112,7 +112,7 @@ async def test_a_file_written_into_the_folder_during_its_delete_stays(
         if calls == 1:          # between two batches, with the lock free: a client writes
             assert (await put(client, late, b"new")).status == 200
         await real(*args)
-    monkeypatch.setattr(syncd, "finish_delete_batch", write_after_first_batch)
+    monkeypatch.setattr(syncd.Tree, "finish_delete_batch", write_after_first_batch)
     body = await (await client.delete("/files/big", params={"client_id": "x"})).json()
     assert body["deleted"] == syncd.DELETE_BATCH + 4
     listed = (await (await client.get("/files")).json())["files"]

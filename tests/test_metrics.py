@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import re
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from conftest import put
 
 
+def labels_of(text: str) -> dict[str, str]:
+    """The labels of a sample, in any order."""
+    return dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', text))
+
+
 def sample(text: str, name: str, labels: str = "") -> float:
-    """The value of one sample line."""
-    pattern = "^" + re.escape(name + (("{" + labels + "}") if labels else "")) + r" (\S+)$"
-    match = re.search(pattern, text, re.MULTILINE)
-    assert match, f"{name}{{{labels}}} not in:\n{text}"
-    return float(match.group(1))
+    """The value of one sample line (its labels in any order)."""
+    wanted = labels_of(labels)
+    for line in text.splitlines():
+        match = re.fullmatch(r"([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
+        if match and match.group(1) == name and labels_of(match.group(2) or "") == wanted:
+            return float(match.group(3))
+    raise AssertionError(f"{name}{{{labels}}} not in:\n{text}")
 
 
 async def test_metrics_count_requests_bytes_and_state(client: Any) -> None:
@@ -64,3 +73,31 @@ async def test_metrics_public_serves_without_the_key(app_client: Any) -> None:
     client = await app_client(api_key="k", metrics_public=True)
     assert (await client.get("/metrics")).status == 200
     assert (await client.get("/files")).status == 401
+
+
+async def test_metrics_print_big_numbers_exactly(app_client: Any, data_dir: Path) -> None:
+    client = await app_client()
+    await put(client, "a.txt", b"1")
+    await client.close()
+    with sqlite3.connect(data_dir / ".syncd" / "syncd.db") as db:
+        db.execute("UPDATE sqlite_sequence SET seq = 16777216 WHERE name = 'changes'")
+    client = await app_client()
+    assert (await (await put(client, "b.txt", b"2")).json())["revision"] == 16_777_217
+    text = await (await client.get("/metrics")).text()
+    assert sample(text, "syncd_cursor") == 16_777_217       # "{:g}" printed 1.67772e+07
+
+
+async def test_metrics_include_the_process(client: Any) -> None:
+    text = await (await client.get("/metrics")).text()
+    assert sample(text, "process_resident_memory_bytes") > 1_000_000
+    assert sample(text, "process_open_fds") >= 3
+    assert sample(text, "process_cpu_seconds_total") > 0
+
+
+async def test_two_apps_keep_their_own_counts(app_client: Any, tmp_path: Path) -> None:
+    first = await app_client()
+    second = await app_client(sync_directory=str(tmp_path / "other"))
+    await put(first, "a.txt", b"12345")
+    text = await (await second.get("/metrics")).text()
+    assert sample(text, "syncd_uploads_total") == 0
+    assert sample(text, "syncd_received_bytes_total") == 0

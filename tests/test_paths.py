@@ -20,9 +20,10 @@ from conftest import error_of, put, upload
     ".syncd-client", ".syncd-client/state.db", ".SYNCD-Client/tmp/x",
 ])
 def test_validate_path_rejects(raw: str) -> None:
-    with pytest.raises(syncd.ApiError) as info:
+    with pytest.raises(syncd.InvalidPath) as info:
         syncd.validate_path(raw)
-    assert (info.value.status, info.value.code) == (400, "invalid_path")
+    error = syncd.refusal_error(info.value)
+    assert (error.status, error.code) == (400, "invalid_path")
 
 
 @pytest.mark.parametrize("raw", [
@@ -39,7 +40,7 @@ def test_validate_path_stores_nfc_not_nfkc() -> None:
 
 
 def test_segment_limit_counts_bytes() -> None:
-    with pytest.raises(syncd.ApiError):
+    with pytest.raises(syncd.InvalidPath):
         syncd.validate_path("é" * 128)   # 256 bytes in UTF-8
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import syncd
-from conftest import error_of, put, sha, tmp_files, upload
+from conftest import error_of, put, sha, sqlite_error, tmp_files, upload
 
 
 def db_rows(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
@@ -56,8 +56,8 @@ async def test_failed_commit_puts_the_old_file_back(client: Any, data_dir: Path,
     await put(client, "a.txt", b"old")
 
     async def broken_upsert(self: Any, *args: Any) -> Any:
-        raise sqlite3.OperationalError("disk I/O error")
-    monkeypatch.setattr(syncd.Transaction, "record_upsert", broken_upsert)
+        raise sqlite_error(sqlite3.SQLITE_IOERR, "disk I/O error")
+    monkeypatch.setattr(syncd.SQLiteTransaction, "record_upsert", broken_upsert)
     async with client.ws_connect("/ws/desk") as ws:
         await ws.receive_json(timeout=5)
         body = await error_of(await put(client, "a.txt", b"new"), 503)
@@ -73,8 +73,8 @@ async def test_failed_commit_puts_the_old_file_back(client: Any, data_dir: Path,
 async def test_failed_commit_of_a_new_file_removes_it(client: Any, data_dir: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     async def broken_upsert(self: Any, *args: Any) -> Any:
-        raise sqlite3.OperationalError("database is locked")
-    monkeypatch.setattr(syncd.Transaction, "record_upsert", broken_upsert)
+        raise sqlite_error(sqlite3.SQLITE_BUSY, "database is locked")
+    monkeypatch.setattr(syncd.SQLiteTransaction, "record_upsert", broken_upsert)
     assert (await error_of(await put(client, "new/a.txt", b"x"), 503))["error"] == "storage_unavailable"
     assert not (data_dir / "new" / "a.txt").exists()
     assert tmp_files(data_dir) == []
@@ -86,14 +86,14 @@ async def test_failed_delete_commit_puts_the_file_back(client: Any, data_dir: Pa
     await put(client, "d/b", b"2")
     calls = []
 
-    original = syncd.Transaction.record_delete
+    original = syncd.SQLiteTransaction.record_delete
 
     async def second_fails(self: Any, live: Any, client_id: str) -> Any:
         calls.append(live.path)
         if len(calls) == 2:
-            raise sqlite3.OperationalError("disk I/O error")
+            raise sqlite_error(sqlite3.SQLITE_IOERR, "disk I/O error")
         return await original(self, live, client_id)
-    monkeypatch.setattr(syncd.Transaction, "record_delete", second_fails)
+    monkeypatch.setattr(syncd.SQLiteTransaction, "record_delete", second_fails)
     await error_of(await client.delete("/files/d", params={"client_id": "x"}), 503)
     assert (data_dir / "d" / "a").read_bytes() == b"1"
     assert (data_dir / "d" / "b").read_bytes() == b"2"
@@ -164,7 +164,7 @@ async def test_write_order_is_fsync_new_folders_rename_fsync_folder_then_commit(
     import stat as stat_module
     events: list[str] = []
     real_fsync, real_rename = os.fsync, os.rename
-    real_upsert = syncd.Transaction.record_upsert
+    real_upsert = syncd.SQLiteTransaction.record_upsert
 
     def fsync(fd: int) -> None:
         kind = "folder" if stat_module.S_ISDIR(os.fstat(fd).st_mode) else "file"
@@ -180,7 +180,7 @@ async def test_write_order_is_fsync_new_folders_rename_fsync_folder_then_commit(
         return await real_upsert(self, *args)
     monkeypatch.setattr(syncd.os, "fsync", fsync)
     monkeypatch.setattr(syncd.os, "rename", rename)
-    monkeypatch.setattr(syncd.Transaction, "record_upsert", upsert)
+    monkeypatch.setattr(syncd.SQLiteTransaction, "record_upsert", upsert)
     assert (await put(client, "new/folder/a.txt", b"x")).status == 201
     # new/ and new/folder/ are fsynced as they are made (their entries must be
     # durable before the file is), the file's own folder after the rename

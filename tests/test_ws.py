@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import socket
@@ -240,7 +241,7 @@ async def slow_link(client: Any, client_id: str) -> tuple[socket.socket, Any]:
     """A raw WebSocket that is never read, and its hub connection, over a slow link: a
     small server-side send buffer (no autotuning) fills up at once."""
     sock = await asyncio.to_thread(raw_ws_connect, client.port, f"/ws/{client_id}")
-    hub = client.app[syncd.STATE].hub
+    hub = client.app[syncd.STATE].tree.hub
     for _ in range(100):
         if client_id in hub.connections:
             break
@@ -254,7 +255,7 @@ async def test_a_client_that_never_reads_does_not_delay_others(app_client: Any) 
     # heartbeat_timeout: how long a client closed for overflow gets to read its close frame
     client = await app_client(ws_queue_size=50, heartbeat_interval=1.0, heartbeat_timeout=3.0)
     stuck, _ = await slow_link(client, "stuck")
-    hub = client.app[syncd.STATE].hub
+    hub = client.app[syncd.STATE].tree.hub
     try:
         async with client.ws_connect("/ws/desk") as desk:
             await hello(desk)
@@ -331,7 +332,7 @@ def read_frames(sock: socket.socket, deadline: float) -> list[tuple[int, bytes]]
 async def test_a_slow_client_gets_its_4002_behind_what_was_buffered(app_client: Any) -> None:
     client = await app_client(ws_queue_size=5)
     slow, conn = await slow_link(client, "slow")
-    hub = client.app[syncd.STATE].hub
+    hub = client.app[syncd.STATE].tree.hub
     for seq in range(1, 200):
         hub.publish({"type": "file_changed", "seq": seq, "pad": "p" * 8000})
         await asyncio.sleep(0)
@@ -344,3 +345,29 @@ async def test_a_slow_client_gets_its_4002_behind_what_was_buffered(app_client: 
     assert frames and frames[-1][0] == 0x8, [opcode for opcode, _ in frames][-5:]
     assert int.from_bytes(frames[-1][1][:2], "big") == syncd.WS_CLOSE_OVERFLOW
     assert all(opcode == 0x1 for opcode, _ in frames[:-1])     # whole events, then the close
+
+
+# -- a reload ----------------------------------------------------------------------
+
+async def test_a_reload_applies_a_new_heartbeat_interval_at_once(client: Any) -> None:
+    state = client.app[syncd.STATE]                     # heartbeat_interval: 30 s
+    async with client.ws_connect("/ws/desk", autoping=False) as ws:
+        await hello(ws)
+        syncd.apply_config(state, dataclasses.replace(state.config, heartbeat_interval=0.2))
+        message = await ws.receive(timeout=3)           # not after the old 30 s ran out
+        assert message.type == aiohttp.WSMsgType.PING
+
+
+async def test_a_reload_applies_a_new_queue_size_to_new_connections(client: Any) -> None:
+    state = client.app[syncd.STATE]                     # ws_queue_size: 1000
+    syncd.apply_config(state, dataclasses.replace(state.config, ws_queue_size=5))
+    slow, conn = await slow_link(client, "slow")
+    try:
+        for seq in range(1, 200):
+            state.tree.hub.publish({"type": "file_changed", "seq": seq, "pad": "p" * 8000})
+            await asyncio.sleep(0)
+            if conn.closing:
+                break
+        assert conn.closing                             # 5 events behind, not 1,000
+    finally:
+        slow.close()
