@@ -645,15 +645,19 @@ class NotFound(Refused):
     code = "not_found"
 
 
-class Conflict(Refused):
-    """The client's belief about a path is stale, or the path is taken; server is the
-    path's live record (None when there is none)."""
-
-    code = "conflict"
+class Stale(Refused):
+    """What the client believes about a path does not hold; server is the path's live
+    record (None when there is none), sent back so that the client can decide."""
 
     def __init__(self, message: str, server: FileRecord | None) -> None:
         super().__init__(message)
         self.server = server
+
+
+class Conflict(Stale):
+    """A base_checksum that is not the server's, or a path that is taken."""
+
+    code = "conflict"
 
 
 class PathBlocked(Conflict):
@@ -672,14 +676,10 @@ class CaseConflict(Refused):
         super().__init__(f"{own} differs from {other} only by letter case")
 
 
-class PreconditionFailed(Refused):
-    """If-Match / If-None-Match does not hold; server as for Conflict."""
+class PreconditionFailed(Stale):
+    """If-Match / If-None-Match does not hold."""
 
     code = "precondition_failed"
-
-    def __init__(self, message: str, server: FileRecord | None) -> None:
-        super().__init__(message)
-        self.server = server
 
 
 class TooLarge(Refused):
@@ -3517,7 +3517,7 @@ def refusal_error(refusal: Refused) -> ApiError:
     """The HTTP answer to what the tree (or a parser) refused."""
     status = next(REFUSAL_STATUS[kind] for kind in type(refusal).__mro__ if kind in REFUSAL_STATUS)
     error = ApiError(status, refusal.code, refusal.message)
-    if isinstance(refusal, (Conflict, PreconditionFailed)):
+    if isinstance(refusal, Stale):
         error.extra["server"] = refusal.server.to_json() if refusal.server else None
     if isinstance(refusal, StorageFailing) and refusal.retry_after is not None:
         error.headers["Retry-After"] = str(refusal.retry_after)

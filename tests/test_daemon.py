@@ -81,7 +81,8 @@ def test_runs_with_defaults_from_the_repo_config(tmp_path: Path) -> None:
         assert (tmp_path / "sync_data" / ".syncd" / "syncd.db").exists()
     finally:
         process.terminate()
-        assert process.wait(timeout=20) == 0
+        _, errors = process.communicate(timeout=20)
+        assert process.returncode == 0, errors
 
 
 def zeros(total: int, chunk: int = 1 << 20) -> Iterator[bytes]:

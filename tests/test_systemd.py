@@ -54,7 +54,11 @@ def test_notifier_reaches_abstract_sockets() -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + name)
         sock.settimeout(5)
-        syncd.Notifier({"NOTIFY_SOCKET": "@" + name}).send("WATCHDOG=1")
+        notifier = syncd.Notifier({"NOTIFY_SOCKET": "@" + name})
+        try:
+            notifier.send("WATCHDOG=1")
+        finally:
+            notifier.close()
         assert sock.recv(100) == b"WATCHDOG=1"
 
 
