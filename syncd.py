@@ -176,6 +176,10 @@ class Config:
                                              'IP addresses and localhost, e.g. "nas.lan"')
     max_connections: int = setting(16384, "connections at once (fewer if the open-file "
                                    "limit is low)")
+    versions_max_age_days: float = setting(30.0, "keep replaced and deleted content this many "
+                                           "days (0: keep no versions)")
+    versions_max_size: int | None = setting(None, "the most bytes kept versions may take; the "
+                                            "oldest go first (unset: no cap)")
 
 
 # Settings a SIGHUP cannot change: they need a restart.
@@ -254,6 +258,26 @@ def parse_seconds(value: Any) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError("expected a positive number of seconds")
     return seconds
+
+
+def parse_days(value: Any) -> float:
+    """A finite number of days, 0 or more."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number of days")
+    try:
+        days = float(value) if not isinstance(value, str) else float(parse_decimal(value))
+    except (TypeError, ValueError):
+        raise ValueError("expected a number of days, like 30 or 0.5") from None
+    if not math.isfinite(days) or days < 0:
+        raise ValueError("expected a number of days, 0 or more")
+    return days
+
+
+def parse_decimal(text: str) -> str:
+    """text, if it is a plain decimal number in ASCII digits (float() takes "١٢" and "1_0")."""
+    if not re.fullmatch(r"\s*[0-9]{1,12}(\.[0-9]{1,9})?\s*", text, re.ASCII):
+        raise ValueError(text)
+    return text
 
 
 def parse_bool(value: Any) -> bool:
@@ -355,6 +379,8 @@ SETTING_PARSERS: dict[str, Callable[[Any], Any]] = {
     "allowed_origins": parse_origins,
     "allowed_hosts": parse_hosts,
     "max_connections": parse_positive_whole,
+    "versions_max_age_days": parse_days,
+    "versions_max_size": parse_size,
 }
 assert set(SETTING_PARSERS) == {f.name for f in fields(Config)}
 
@@ -890,6 +916,40 @@ class ClientRecord:
     last_seen: float
 
 
+@dataclass(frozen=True, slots=True)
+class Version:
+    """Content a live file had until a change replaced or deleted it (SPEC "Versions and
+    trash"); its bytes are the blob named by its checksum."""
+
+    path: str
+    revision: int          # the revision the content had while it was live
+    checksum: str
+    size: int
+    modified_time: float
+    replaced_at: int       # the seq of the change that replaced or deleted it
+    replaced_by: str       # that change's client id
+    time: float            # when
+    reason: str            # "overwrite" or "delete"
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's VERSION."""
+        return {"revision": self.revision, "checksum": self.checksum, "size": self.size,
+                "modified_time": self.modified_time, "replaced_at": self.replaced_at,
+                "replaced_by": self.replaced_by, "time": self.time, "reason": self.reason}
+
+    def trash_json(self) -> dict[str, Any]:
+        """The contract's /trash entry (for the version a delete kept)."""
+        return {"path": self.path, "checksum": self.checksum, "size": self.size,
+                "modified_time": self.modified_time, "revision": self.revision,
+                "deleted_at": self.replaced_at, "deleted_by": self.replaced_by,
+                "time": self.time}
+
+    def as_record(self) -> FileRecord:
+        """The version as a file to serve (ETag its checksum, X-Revision its revision)."""
+        return FileRecord(self.path, self.checksum, self.size, self.modified_time,
+                          self.revision, False, self.time, self.replaced_by)
+
+
 def folder_range(prefix: str) -> tuple[str, str]:
     """Bounds such that lower <= p < upper holds exactly for the paths under prefix/."""
     return prefix + "/", prefix + "0"   # "0" is the character after "/"
@@ -907,8 +967,11 @@ class Transaction(abc.ABC):
         self.undo: list[Callable[[], None]] = []
         self.after_commit: list[Callable[[], None]] = []
         self.last_seq = 0
-        self.live_files = 0      # what this transaction adds to the live totals, once committed
+        self.live_files = 0      # what this transaction adds to the totals, once committed
         self.live_bytes = 0
+        self.versions = 0
+        self.blob_bytes = 0
+        self.gone_blobs: list[str] = []   # blobs no version refers to any more, once committed
 
     @abc.abstractmethod
     async def get(self, path: str) -> FileRecord | None:
@@ -935,6 +998,28 @@ class Transaction(abc.ABC):
     async def record_delete(self, live: FileRecord, client_id: str) -> FileRecord:
         """Journal the deletion of a live file and leave its tombstone."""
 
+    @abc.abstractmethod
+    async def record_version(self, old: FileRecord, change: FileRecord, reason: str) -> Version:
+        """Keep old's content, whose blob is in the store, as replaced (reason "overwrite") or
+        deleted ("delete") by change: a version row, and one more reference to the blob."""
+
+    @abc.abstractmethod
+    async def get_version(self, path: str, revision: int) -> Version | None:
+        """One kept version, as this transaction sees it."""
+
+    @abc.abstractmethod
+    async def drop_versions(self, versions: Iterable[tuple[str, int]]) -> list[str]:
+        """Forget these (path, revision) versions; the checksums of the blobs that no version
+        refers to any more (the caller removes them after the commit)."""
+
+    @abc.abstractmethod
+    async def oldest_versions(self, limit: int) -> list[Version]:
+        """The limit oldest versions (by time)."""
+
+    @abc.abstractmethod
+    async def versions_with(self, checksums: Iterable[str]) -> list[tuple[str, int]]:
+        """The (path, revision) of every version of these contents."""
+
     def _count(self, before: FileRecord | None, after: FileRecord | None) -> None:
         """Note how a change of one path moves the live totals."""
         for record, sign in ((before, -1), (after, 1)):
@@ -959,6 +1044,8 @@ class MetadataStore(abc.ABC):
         self.epoch = ""
         self.live_files = 0
         self.live_bytes = 0
+        self.version_count = 0     # version rows
+        self.blob_bytes = 0        # bytes of the blobs they refer to (each content once)
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -1006,6 +1093,37 @@ class MetadataStore(abc.ABC):
         """Raise if the database cannot answer a query (cheap: /health calls it)."""
 
     @abc.abstractmethod
+    async def versions_of(self, path: str) -> list[Version]:
+        """The path's kept versions, newest first."""
+
+    @abc.abstractmethod
+    async def get_version(self, path: str, revision: int) -> Version | None:
+        """One kept version."""
+
+    @abc.abstractmethod
+    async def trash(self, prefix: str) -> list[Version]:
+        """For each path under prefix whose current state is deleted: the version its
+        delete kept, if it is kept; sorted by path."""
+
+    @abc.abstractmethod
+    async def state_at(self, prefix: str, at: int) -> tuple[dict[str, Change], dict[str, FileRecord]]:
+        """For the paths under prefix (the folder prefix/, or the file prefix; "": all):
+        the last change of each with seq <= at, and each one's record now."""
+
+    @abc.abstractmethod
+    async def has_blob(self, checksum: str) -> bool:
+        """Whether some version keeps this content."""
+
+    @abc.abstractmethod
+    async def blob_checksums(self) -> set[str]:
+        """The checksum of every blob the versions refer to."""
+
+    @abc.abstractmethod
+    async def thinning_candidates(self, after: str, paths: int) -> list[tuple[Version, bool]]:
+        """The versions of the first `paths` paths after `after` (by path, newest first), each
+        with whether it is the kept content of its path's current deletion (never thinned)."""
+
+    @abc.abstractmethod
     def failure(self, exc: BaseException) -> Refused | None:
         """The contract's answer to a database error (full, read-only, failing), or None when
         exc is not one (a bug, to be answered 500)."""
@@ -1041,6 +1159,26 @@ CREATE TABLE IF NOT EXISTS changes (
     client_id     TEXT NOT NULL,
     time          REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS changes_by_path ON changes (path, seq);
+CREATE TABLE IF NOT EXISTS versions (
+    path          TEXT NOT NULL,
+    revision      INTEGER NOT NULL,
+    checksum      TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    modified_time REAL NOT NULL,
+    replaced_at   INTEGER NOT NULL,
+    replaced_by   TEXT NOT NULL,
+    time          REAL NOT NULL,
+    reason        TEXT NOT NULL CHECK (reason IN ('overwrite', 'delete')),
+    PRIMARY KEY (path, revision)
+);
+CREATE INDEX IF NOT EXISTS versions_by_time ON versions (time);
+CREATE INDEX IF NOT EXISTS versions_by_checksum ON versions (checksum);
+CREATE TABLE IF NOT EXISTS blobs (
+    checksum      TEXT PRIMARY KEY,
+    size          INTEGER NOT NULL,
+    refs          INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS clients (
     client_id     TEXT PRIMARY KEY,
     name          TEXT,
@@ -1053,6 +1191,8 @@ CREATE TABLE IF NOT EXISTS clients (
 
 FILE_COLUMNS = "path, checksum, size, modified_time, revision, deleted, time, client_id, mtime_ns"
 CHANGE_COLUMNS = "seq, type, path, checksum, size, modified_time, client_id, time"
+VERSION_COLUMNS = ("path, revision, checksum, size, modified_time, replaced_at, replaced_by,"
+                   " time, reason")
 
 # SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xff) that mean the
 # storage, not the query, is at fault.
@@ -1066,6 +1206,15 @@ SQLITE_FAILING_CODES = frozenset({
 def file_record(row: Sequence[Any]) -> FileRecord:
     """A FileRecord from a row of FILE_COLUMNS."""
     return FileRecord._make(row)     # deleted stays SQLite's 0 or 1: only its truth is used
+
+
+def under_prefix(prefix: str, column: str = "path") -> tuple[str, list[Any]]:
+    """An SQL condition (and its parameters) for the file prefix and the paths in the folder
+    prefix/; true for every path when prefix is ""."""
+    if not prefix:
+        return "1", []
+    lower, upper = folder_range(prefix)
+    return f"({column} = ? OR ({column} >= ? AND {column} < ?))", [prefix, lower, upper]
 
 
 def sqlite_failure(exc: BaseException) -> Refused | None:
@@ -1202,6 +1351,69 @@ class SQLiteTransaction(Transaction):
         self._count(live, tomb)
         return tomb
 
+    async def record_version(self, old: FileRecord, change: FileRecord, reason: str) -> Version:
+        """Keep old's content as replaced or deleted by change (its blob is in the store)."""
+        version = Version(old.path, old.revision, old.checksum, old.size, old.modified_time,
+                          change.revision, change.client_id, change.time, reason)
+        cursor = await self.db.execute(
+            f"INSERT OR IGNORE INTO versions ({VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (version.path, version.revision, version.checksum, version.size,
+             version.modified_time, version.replaced_at, version.replaced_by, version.time,
+             version.reason))
+        if cursor.rowcount == 1:
+            self.versions += 1
+            rows = await self.db.execute_fetchall(
+                "INSERT INTO blobs (checksum, size, refs) VALUES (?, ?, 1) ON CONFLICT (checksum)"
+                " DO UPDATE SET refs = refs + 1 RETURNING refs", (old.checksum, old.size))
+            if rows[0][0] == 1:
+                self.blob_bytes += old.size
+        return version
+
+    async def get_version(self, path: str, revision: int) -> Version | None:
+        """One kept version, as this transaction sees it."""
+        rows = await self.db.execute_fetchall(
+            f"SELECT {VERSION_COLUMNS} FROM versions WHERE path = ? AND revision = ?",
+            (path, revision))
+        return Version(*rows[0]) if rows else None
+
+    async def drop_versions(self, versions: Iterable[tuple[str, int]]) -> list[str]:
+        """Forget versions; the checksums of the blobs no version refers to any more."""
+        gone = []
+        for path, revision in versions:
+            rows = await self.db.execute_fetchall(
+                "DELETE FROM versions WHERE path = ? AND revision = ? RETURNING checksum",
+                (path, revision))
+            if not rows:
+                continue
+            self.versions -= 1
+            left = await self.db.execute_fetchall(
+                "UPDATE blobs SET refs = refs - 1 WHERE checksum = ? RETURNING refs, size",
+                (rows[0][0],))
+            if left and left[0][0] <= 0:
+                await self.db.execute("DELETE FROM blobs WHERE checksum = ?", (rows[0][0],))
+                self.blob_bytes -= left[0][1]
+                gone.append(rows[0][0])
+        self.gone_blobs.extend(gone)
+        return gone
+
+    async def oldest_versions(self, limit: int) -> list[Version]:
+        """The limit oldest versions."""
+        rows = await self.db.execute_fetchall(
+            f"SELECT {VERSION_COLUMNS} FROM versions ORDER BY time, path LIMIT ?", (limit,))
+        return [Version(*row) for row in rows]
+
+    async def versions_with(self, checksums: Iterable[str]) -> list[tuple[str, int]]:
+        """The (path, revision) of every version of these contents."""
+        found: list[tuple[str, int]] = []
+        wanted = list(checksums)
+        for start in range(0, len(wanted), 500):
+            batch = wanted[start:start + 500]
+            rows = await self.db.execute_fetchall(
+                "SELECT path, revision FROM versions WHERE checksum IN"
+                f" ({', '.join('?' * len(batch))})", batch)
+            found.extend((row[0], row[1]) for row in rows)
+        return found
+
 
 class SQLiteStore(MetadataStore):
     """The inline SQLite database in .syncd/: one writer connection behind a lock, one reader.
@@ -1247,6 +1459,9 @@ class SQLiteStore(MetadataStore):
             rows = await self._reader.execute_fetchall(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE deleted = 0")
             self.live_files, self.live_bytes = int(rows[0][0]), int(rows[0][1])
+            rows = await self._reader.execute_fetchall(
+                "SELECT (SELECT COUNT(*) FROM versions), (SELECT COALESCE(SUM(size), 0) FROM blobs)")
+            self.version_count, self.blob_bytes = int(rows[0][0]), int(rows[0][1])
         except BaseException:
             await self.close()
             raise
@@ -1316,6 +1531,8 @@ class SQLiteStore(MetadataStore):
                 self.cursor = tx.last_seq
             self.live_files += tx.live_files
             self.live_bytes += tx.live_bytes
+            self.version_count += tx.versions
+            self.blob_bytes += tx.blob_bytes
             for hook in tx.after_commit:
                 hook()
 
@@ -1394,6 +1611,66 @@ class SQLiteStore(MetadataStore):
         """sqlite_failure."""
         return sqlite_failure(exc)
 
+    async def versions_of(self, path: str) -> list[Version]:
+        """The path's kept versions, newest first."""
+        rows = await self.reader.execute_fetchall(
+            f"SELECT {VERSION_COLUMNS} FROM versions WHERE path = ? ORDER BY replaced_at DESC",
+            (path,))
+        return [Version(*row) for row in rows]
+
+    async def get_version(self, path: str, revision: int) -> Version | None:
+        """One kept version."""
+        rows = await self.reader.execute_fetchall(
+            f"SELECT {VERSION_COLUMNS} FROM versions WHERE path = ? AND revision = ?",
+            (path, revision))
+        return Version(*rows[0]) if rows else None
+
+    async def trash(self, prefix: str) -> list[Version]:
+        """The versions deletes kept, of the paths still deleted, under prefix (a string
+        prefix, as for /files)."""
+        columns = ", ".join(f"v.{column.strip()}" for column in VERSION_COLUMNS.split(","))
+        rows = await self.reader.execute_fetchall(
+            f"SELECT {columns} FROM files f JOIN versions v ON v.path = f.path"
+            " AND v.replaced_at = f.revision WHERE f.deleted = 1 AND v.reason = 'delete'"
+            " AND f.path >= ? AND substr(f.path, 1, ?) = ? ORDER BY f.path",
+            (prefix, len(prefix), prefix))
+        return [Version(*row) for row in rows]
+
+    async def state_at(self, prefix: str, at: int) -> tuple[dict[str, Change], dict[str, FileRecord]]:
+        """The last change of each path under prefix with seq <= at, and its record now."""
+        condition, params = under_prefix(prefix)
+        async with self.read_transaction() as db:
+            # SQLite takes the bare columns from the row that holds MAX(seq)
+            rows = await db.execute_fetchall(
+                "SELECT MAX(seq), type, path, checksum, size, modified_time, client_id, time"
+                f" FROM changes WHERE seq <= ? AND {condition} GROUP BY path", [at, *params])
+            then = {row[2]: Change(*row) for row in rows}
+            rows = await db.execute_fetchall(
+                f"SELECT {FILE_COLUMNS} FROM files WHERE {condition}", params)
+        return then, {row[0]: file_record(row) for row in rows}
+
+    async def has_blob(self, checksum: str) -> bool:
+        """Whether some version keeps this content."""
+        rows = await self.reader.execute_fetchall(
+            "SELECT 1 FROM blobs WHERE checksum = ?", (checksum,))
+        return bool(rows)
+
+    async def blob_checksums(self) -> set[str]:
+        """Every blob the versions refer to."""
+        rows = await self.reader.execute_fetchall("SELECT checksum FROM blobs")
+        return {row[0] for row in rows}
+
+    async def thinning_candidates(self, after: str, paths: int) -> list[tuple[Version, bool]]:
+        """The versions of the next paths after `after`, newest first, and which are the kept
+        content of their path's current deletion."""
+        columns = ", ".join(f"v.{column.strip()}" for column in VERSION_COLUMNS.split(","))
+        rows = await self.reader.execute_fetchall(
+            f"SELECT {columns}, (f.deleted = 1 AND f.revision = v.replaced_at"
+            "  AND v.reason = 'delete') FROM versions v LEFT JOIN files f ON f.path = v.path"
+            " WHERE v.path IN (SELECT DISTINCT path FROM versions WHERE path > ?"
+            "  ORDER BY path LIMIT ?) ORDER BY v.path, v.time DESC", (after, paths))
+        return [(Version(*row[:9]), bool(row[9])) for row in rows]
+
 
 # ===========================================================================
 # File store: temp file, hash, fsync, rename; reads
@@ -1424,6 +1701,8 @@ class Swap:
 
     path: str
     backup: str | None     # name in tmp/ of the replaced file, if any
+    blob: str | None = None    # the replaced content's checksum, once it is in the blob store
+    new_blob: bool = False     # ...and this swap put it there (its undo takes it out)
 
 
 @dataclass
@@ -1432,6 +1711,8 @@ class Removal:
 
     path: str
     parked: str            # name in tmp/
+    blob: str | None = None    # its content's checksum, once it is in the blob store
+    new_blob: bool = False     # ...and this removal put it there
 
 
 def file_failure(exc: BaseException) -> Refused | None:
@@ -1453,9 +1734,22 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def write_and_hash(fd: int, hasher: Any, data: bytes) -> None:
-    """Hash and write one chunk (hashlib drops the GIL: fine in a worker thread)."""
+    """Write one chunk, then hash it (hashlib drops the GIL: fine in a worker thread); a
+    failed write is cut back to where the chunk began, so that it can be written again."""
+    start = os.lseek(fd, 0, os.SEEK_CUR)
+    try:
+        write_all(fd, data)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+            os.lseek(fd, start, os.SEEK_SET)
+        raise
     hasher.update(data)
-    write_all(fd, data)
+
+
+def is_full(exc: BaseException) -> bool:
+    """Whether an error is a full disk (or quota)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class FileStore:
@@ -1469,6 +1763,7 @@ class FileStore:
         self.root = root
         self.state_dir = root / STATE_DIR
         self.tmp_dir = self.state_dir / "tmp"
+        self.blob_dir = self.state_dir / "blobs"    # kept versions, one file per content
         # Our own pool for upload chunks, so that an aborted upload can wait for the
         # chunk still being written before it closes the file.
         self.writers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="syncd-write")
@@ -1481,7 +1776,7 @@ class FileStore:
     def prepare(self) -> int:
         """Create .syncd/ and tmp/, private to us (0700); empty tmp/ of what a crash left
         there; return how many files that was."""
-        for folder in (self.state_dir, self.tmp_dir):
+        for folder in (self.state_dir, self.tmp_dir, self.blob_dir):
             folder.mkdir(mode=0o700, exist_ok=True)
             try:
                 os.chmod(folder, 0o700)      # made world-readable by an older syncd
@@ -1498,12 +1793,28 @@ class FileStore:
                 removed += 1
             except FileNotFoundError:
                 continue
+        made = False
+        for index in range(256):        # made once, so that a write never has to
+            try:
+                os.mkdir(self.blob_dir / f"{index:02x}", 0o700)
+                made = True
+            except FileExistsError:
+                pass
+        if made:
+            fd = os.open(self.blob_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return removed
 
     # -- writing ---------------------------------------------------------------
 
-    async def stage(self, chunks: AsyncIterator[bytes], max_size: int) -> StagedFile:
-        """Stream chunks into a new temp file, hashing and counting; TooLarge past max_size."""
+    async def stage(self, chunks: AsyncIterator[bytes], max_size: int,
+                    make_room: Callable[[int], Awaitable[bool]] | None = None) -> StagedFile:
+        """Stream chunks into a new temp file, hashing and counting; TooLarge past max_size.
+        On a full disk, make_room(bytes) may free space (True: it did): the chunk is written
+        again, once."""
         name = f"upload-{next(self._names)}"
         fd = os.open(self.tmp_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                      0o644)
@@ -1512,20 +1823,43 @@ class FileStore:
         # One chunk is hashed and written in a worker thread while the event loop
         # receives the next: network, hashing and the disk overlap.
         writing: concurrent.futures.Future[None] | None = None
+        pending = b""                                  # the chunk the worker writes
+        retried = False
+
+        async def rewrite_if_full(exc: OSError) -> None:
+            nonlocal retried
+            if not is_full(exc) or retried or make_room is None \
+                    or not await make_room(len(pending)):
+                raise exc
+            retried = True
+            await asyncio.to_thread(write_and_hash, fd, hasher, pending)
+
+        async def settle() -> None:
+            nonlocal writing
+            assert writing is not None
+            try:
+                await asyncio.wrap_future(writing)
+            except OSError as exc:
+                await rewrite_if_full(exc)
+            finally:
+                writing = None
         try:
             async for chunk in chunks:
                 staged.size += len(chunk)
                 if staged.size > max_size:
                     raise TooLarge(f"the file exceeds max_file_size ({max_size} bytes)")
                 if writing is not None:
-                    await asyncio.wrap_future(writing)
-                    writing = None
+                    await settle()
+                pending = chunk
                 if len(chunk) <= INLINE_LIMIT and staged.size == len(chunk):
-                    write_and_hash(fd, hasher, chunk)   # a small file: a thread hop costs more
+                    try:       # a small file: a thread hop costs more than the write
+                        write_and_hash(fd, hasher, chunk)
+                    except OSError as exc:
+                        await rewrite_if_full(exc)
                 else:
                     writing = self.writers.submit(write_and_hash, fd, hasher, chunk)
             if writing is not None:
-                await asyncio.wrap_future(writing)
+                await settle()
         except BaseException:
             if writing is not None:
                 concurrent.futures.wait([writing])     # never close a file a thread writes to
@@ -1535,7 +1869,9 @@ class FileStore:
         return staged
 
     def seal(self, staged: StagedFile, modified_time: float) -> None:
-        """Set the mtime, fsync and close the temp file (in a worker thread)."""
+        """Set the mtime, fsync and close the temp file (in a worker thread); once."""
+        if staged.fd < 0:
+            return
         os.utime(staged.fd, (modified_time, modified_time))
         staged.mtime_ns = os.fstat(staged.fd).st_mtime_ns
         os.fsync(staged.fd)
@@ -1592,12 +1928,17 @@ class FileStore:
     def _tmp_fd(self) -> int:
         return os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    def swap_in(self, staged: StagedFile, path: str) -> Swap:
-        """Rename a sealed temp file over path, keep the old one in tmp/, fsync the folder."""
+    def swap_in(self, staged: StagedFile, path: str, keep: str | None = None) -> Swap:
+        """Rename a sealed temp file over path, keep the old one in tmp/, fsync the folder.
+
+        keep: the old file's checksum, to keep it as a version: it is hard-linked into
+        the blob store (durably) before the rename, so that a crash at any moment
+        leaves the old content live or kept.
+        """
         *folders, name = path.split("/")
         parent = self._walk(folders, create=True)
         tmp_fd = self._tmp_fd()
-        backup = None
+        swap = Swap(path, None)
         try:
             try:
                 old = os.stat(name, dir_fd=parent, follow_symlinks=False)
@@ -1605,17 +1946,22 @@ class FileStore:
                 old = None
             if old is not None and stat.S_ISDIR(old.st_mode):
                 raise FolderBlocked(name)
-            if old is not None and stat.S_ISREG(old.st_mode):
-                backup = f"old-{uuid.uuid4().hex}"
-                os.link(name, backup, src_dir_fd=parent, dst_dir_fd=tmp_fd,
-                        follow_symlinks=False)
             try:
+                if old is not None and stat.S_ISREG(old.st_mode):
+                    backup = f"old-{uuid.uuid4().hex}"
+                    os.link(name, backup, src_dir_fd=parent, dst_dir_fd=tmp_fd,
+                            follow_symlinks=False)
+                    swap.backup = backup
+                    if keep is not None:
+                        swap.new_blob = self._link_blob(swap.backup, tmp_fd, keep)
+                        swap.blob = keep
+                        self._sync_blob_dirs([keep])
                 os.rename(staged.name, name, src_dir_fd=tmp_fd, dst_dir_fd=parent)
             except BaseException:
-                if backup is not None:
-                    os.unlink(backup, dir_fd=tmp_fd)
+                self._drop_new_blob(swap.blob if swap.new_blob else None)
+                if swap.backup is not None:
+                    os.unlink(swap.backup, dir_fd=tmp_fd)
                 raise
-            swap = Swap(path, backup)
             try:
                 os.fsync(parent)
             except BaseException:
@@ -1625,6 +1971,87 @@ class FileStore:
             os.close(parent)
             os.close(tmp_fd)
         return swap
+
+    # -- the blob store: kept versions, one hard link per content ------------------
+
+    def _blob_path(self, checksum: str) -> Path:
+        return self.blob_dir / checksum[:2] / checksum
+
+    def _link_blob(self, name: str, dir_fd: int, checksum: str) -> bool:
+        """Hard-link a file into the blob store as checksum; False when that content is kept
+        already (identical content is kept once)."""
+        try:
+            os.link(name, self._blob_path(checksum), src_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            return False
+        return True
+
+    def _sync_blob_dirs(self, checksums: Iterable[str]) -> None:
+        """fsync the blob folders these checksums live in, so that their links are durable."""
+        for prefix in sorted({checksum[:2] for checksum in checksums}):
+            fd = os.open(self.blob_dir / prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _drop_new_blob(self, checksum: str | None) -> None:
+        if checksum is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._blob_path(checksum))
+
+    def open_blob(self, checksum: str) -> Any:
+        """A binary file object for a kept content; NotRegular if it is not there."""
+        try:
+            fd = os.open(self._blob_path(checksum),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
+                raise NotRegular(checksum) from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotRegular(checksum)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+
+    def stage_blob(self, checksum: str) -> StagedFile:
+        """A copy of a kept content as a new temp file, hashed on the way (a restore writes a
+        new file: the blob is never put back into the tree, where it could be edited)."""
+        name = f"upload-{next(self._names)}"
+        fd = os.open(self.tmp_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o644)
+        staged = StagedFile(name, fd)
+        hasher = hashlib.sha256()
+        try:
+            with self.open_blob(checksum) as source:
+                while chunk := source.read(CHUNK_SIZE):
+                    write_and_hash(fd, hasher, chunk)
+                    staged.size += len(chunk)
+        except BaseException:
+            self.discard(staged)
+            raise
+        staged.checksum = hasher.hexdigest()
+        return staged
+
+    def has_blob(self, checksum: str) -> bool:
+        """Whether a content is in the blob store."""
+        return os.path.isfile(self._blob_path(checksum))
+
+    def remove_blobs(self, checksums: Iterable[str]) -> None:
+        """Remove blobs no version refers to any more."""
+        for checksum in checksums:
+            self._drop_new_blob(checksum)
+
+    def list_blobs(self) -> dict[str, int]:
+        """Every blob on disk: its checksum and size."""
+        found = {}
+        for folder in self.blob_dir.iterdir():
+            if folder.is_dir() and not folder.is_symlink():
+                for entry in os.scandir(folder):
+                    if CHECKSUM_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                        found[entry.name] = entry.stat(follow_symlinks=False).st_size
+        return found
 
     def undo_swap(self, swap: Swap) -> None:
         """Put back what swap_in replaced (or remove the new file)."""
@@ -1636,9 +2063,9 @@ class FileStore:
             os.close(parent)
             os.close(tmp_fd)
 
-    @staticmethod
-    def _undo_swap_in(swap: Swap, parent: int, tmp_fd: int) -> None:
+    def _undo_swap_in(self, swap: Swap, parent: int, tmp_fd: int) -> None:
         name = swap.path.rsplit("/", 1)[-1]
+        self._drop_new_blob(swap.blob if swap.new_blob else None)
         if swap.backup is not None:
             os.rename(swap.backup, name, src_dir_fd=tmp_fd, dst_dir_fd=parent)
         else:
@@ -1651,9 +2078,13 @@ class FileStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.tmp_dir / swap.backup)
 
-    def remove_many(self, paths: Sequence[str]) -> list[Removal]:
+    def remove_many(self, paths: Sequence[str], keep: Mapping[str, str] | None = None) -> list[Removal]:
         """Move paths out of the tree into tmp/, one walk and one fsync per folder; the
-        paths not on disk are left out. On a failure, what was moved is put back."""
+        paths not on disk are left out. On a failure, what was moved is put back.
+
+        keep: path -> checksum of the files to keep as versions: each is hard-linked
+        into the blob store, durably, before it leaves the tree.
+        """
         removals: list[Removal] = []
         by_folder: dict[str, list[str]] = {}
         for path in paths:
@@ -1667,14 +2098,7 @@ class FileStore:
                 except (FileNotFoundError, FolderBlocked):
                     continue
                 try:
-                    for name in names:
-                        parked = f"del-{uuid.uuid4().hex}"
-                        try:
-                            os.rename(name, parked, src_dir_fd=parent, dst_dir_fd=tmp_fd)
-                        except FileNotFoundError:
-                            continue
-                        removals.append(Removal(f"{folder}/{name}" if folder else name, parked))
-                    os.fsync(parent)
+                    removals.extend(self._remove_from(parent, folder, names, tmp_fd, keep or {}))
                 finally:
                     os.close(parent)
         except BaseException:
@@ -1685,8 +2109,42 @@ class FileStore:
             os.close(tmp_fd)
         return removals
 
+    def _remove_from(self, parent: int, folder: str, names: Sequence[str], tmp_fd: int,
+                     keep: Mapping[str, str]) -> list[Removal]:
+        """remove_many for the names of one folder."""
+        pending = [Removal(f"{folder}/{name}" if folder else name, f"del-{uuid.uuid4().hex}")
+                   for name in names]
+        done: list[Removal] = []
+        try:
+            for removal in pending:
+                checksum = keep.get(removal.path)
+                if checksum is not None:
+                    name = removal.path.rsplit("/", 1)[-1]
+                    with contextlib.suppress(FileNotFoundError):      # gone: nothing to keep
+                        removal.new_blob = self._link_blob(name, parent, checksum)
+                        removal.blob = checksum
+            self._sync_blob_dirs(r.blob for r in pending if r.new_blob and r.blob)
+            for removal in pending:
+                try:
+                    os.rename(removal.path.rsplit("/", 1)[-1], removal.parked,
+                              src_dir_fd=parent, dst_dir_fd=tmp_fd)
+                except FileNotFoundError:
+                    self._drop_new_blob(removal.blob if removal.new_blob else None)
+                    continue
+                done.append(removal)
+            os.fsync(parent)
+        except BaseException:
+            for removal in reversed(done):
+                self.undo_remove(removal)
+            for removal in pending:
+                if removal not in done:
+                    self._drop_new_blob(removal.blob if removal.new_blob else None)
+            raise
+        return done
+
     def undo_remove(self, removal: Removal) -> None:
-        """Put a removed file back where it was."""
+        """Put a removed file back where it was (and take out the blob it put in the store)."""
+        self._drop_new_blob(removal.blob if removal.new_blob else None)
         *folders, name = removal.path.split("/")
         parent = self._walk(folders, create=True)
         tmp_fd = self._tmp_fd()
@@ -1788,12 +2246,17 @@ class RecoveryReport:
     vanished: int = 0
     skipped: list[str] = field(default_factory=list)      # not servable: kept as they are
     unreadable: list[str] = field(default_factory=list)   # not readable: not taken as gone
+    versions_adopted: int = 0   # blobs of changes that crashed before their commit
+    versions_lost: int = 0      # versions whose blob was missing
+    orphans_removed: int = 0    # blobs no version refers to
 
     def summary(self) -> str:
         """One log line."""
         return (f"{self.unchanged} unchanged, {self.added} added, {self.modified} modified, "
                 f"{self.touched} touched, {self.vanished} gone (tombstoned), "
-                f"{len(self.skipped)} skipped, {len(self.unreadable)} unreadable")
+                f"{len(self.skipped)} skipped, {len(self.unreadable)} unreadable; versions: "
+                f"{self.versions_adopted} adopted, {self.versions_lost} lost (blob missing), "
+                f"{self.orphans_removed} orphan blob(s) removed")
 
 
 def is_mass_vanish(missing: int, known: int) -> bool:
@@ -2002,11 +2465,19 @@ async def recover(store: MetadataStore, files: FileStore, accept_deletions: bool
                 != (status.st_size, status.st_mtime_ns)]
     report.unchanged = len(scan.found) - len(suspects)
     pending = {path for path, record in suspects if record is not None and not record.deleted}
-    if missing:
-        async with store.transaction() as tx:
-            for record in missing:
-                await tx.record_delete(record, SERVER_CLIENT_ID)
-        report.vanished = len(missing)
+    blobs = await asyncio.to_thread(files.list_blobs)
+    lost = await store.blob_checksums() - set(blobs)
+    async with store.transaction() as tx:
+        # Versions whose blob is gone (removed by hand, a disk error) cannot be restored.
+        if lost:
+            await tx.drop_versions(await tx.versions_with(lost))
+            report.versions_lost = -tx.versions
+        for record in missing:
+            tomb = await tx.record_delete(record, SERVER_CLIENT_ID)
+            if record.checksum in blobs:    # a delete that crashed before its commit kept it
+                await tx.record_version(record, tomb, "delete")
+                report.versions_adopted += 1
+    report.vanished = len(missing)
     return Recovery(report, suspects, pending)
 
 
@@ -2018,7 +2489,8 @@ def hash_for_recovery(files: FileStore, path: str) -> tuple[str, os.stat_result]
         return exc
 
 
-async def rehash_suspects(store: MetadataStore, files: FileStore, recovery: Recovery,
+async def rehash_suspects(transaction: Callable[[], contextlib.AbstractAsyncContextManager[Transaction]],
+                          files: FileStore, recovery: Recovery,
                           announce: Callable[[FileRecord], None]) -> RecoveryReport:
     """Hash the files that changed behind our back and journal them, while we serve.
 
@@ -2032,18 +2504,20 @@ async def rehash_suspects(store: MetadataStore, files: FileStore, recovery: Reco
         hashed = await asyncio.to_thread(
             lambda items: [hash_for_recovery(files, path) for path, _ in items], batch)
         try:
-            await journal_rehashed(store, batch, hashed, report, announce)
+            await journal_rehashed(transaction, files, batch, hashed, report, announce)
         finally:
             recovery.pending.difference_update(path for path, _ in batch)
     return report
 
 
-async def journal_rehashed(store: MetadataStore, batch: Sequence[tuple[str, FileRecord | None]],
+async def journal_rehashed(transaction: Callable[[], contextlib.AbstractAsyncContextManager[Transaction]],
+                           files: FileStore, batch: Sequence[tuple[str, FileRecord | None]],
                            hashed: Sequence[tuple[str, os.stat_result] | None | OSError],
                            report: RecoveryReport,
                            announce: Callable[[FileRecord], None]) -> None:
-    """Commit one batch of rehashed files (see rehash_suspects)."""
-    async with store.transaction() as tx:
+    """Commit one batch of rehashed files (see rehash_suspects). A replaced content whose
+    blob is in the store (an overwrite that crashed before its commit) becomes a version."""
+    async with transaction() as tx:
         for (path, old), result in zip(batch, hashed, strict=True):
             if isinstance(result, OSError):
                 report.unreadable.append(path)
@@ -2060,6 +2534,9 @@ async def journal_rehashed(store: MetadataStore, batch: Sequence[tuple[str, File
                 continue
             record = await tx.record_upsert(path, checksum, status.st_size, status.st_mtime,
                                             SERVER_CLIENT_ID, status.st_mtime_ns)
+            if old is not None and not old.deleted and files.has_blob(old.checksum):
+                await tx.record_version(old, record, "overwrite")
+                report.versions_adopted += 1
             tx.after_commit.append(lambda record=record: announce(record))
             if old is None or old.deleted:
                 report.added += 1
@@ -2388,6 +2865,8 @@ class Metrics:
         self.uploads = Counter("syncd_uploads", "Uploads stored as a new revision.",
                                registry=registry)
         self.deletes = Counter("syncd_deletes", "Files deleted.", registry=registry)
+        self.prunes = Counter("syncd_version_prunes", "Versions removed by retention or to "
+                              "free space.", registry=registry)
         ProcessCollector(registry=registry)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -2461,6 +2940,52 @@ def file_deleted_event(record: FileRecord) -> dict[str, Any]:
             "seq": record.revision, "client_id": record.client_id}
 
 
+@dataclass
+class PointInTime:
+    """What a point-in-time restore did."""
+
+    restored: int = 0
+    deleted: int = 0
+    unavailable: list[str] = field(default_factory=list)   # content at `at` no longer kept
+    blocked: list[str] = field(default_factory=list)       # changed meanwhile, or in the way
+    cursor: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's answer (blocked is ours)."""
+        return {"success": True, "restored": self.restored, "deleted": self.deleted,
+                "unavailable": self.unavailable, "blocked": self.blocked, "cursor": self.cursor}
+
+
+PRUNE_INTERVAL = 60.0     # seconds between two rounds of retention
+PRUNE_PATHS = 500         # paths whose versions one round thins
+PRUNE_BATCH = 500         # versions one step of age-out or of the size cap removes
+PRUNE_ROUNDS = 4          # size-cap steps one round may take
+
+
+def versions_to_thin(candidates: Sequence[tuple[Version, bool]], now: float,
+                     max_age: float) -> list[tuple[str, int]]:
+    """The (path, revision) to prune among candidates (by path, newest first): those older
+    than max_age; of the rest older than an hour, all but the newest per path per hour,
+    older than a day all but the newest per path per day. The content of a path's current
+    deletion (protected) is never thinned, only aged out."""
+    doomed = []
+    kept: set[tuple[str, str, int]] = set()
+    for version, protected in candidates:
+        age = now - version.time
+        if age > max_age:
+            doomed.append((version.path, version.revision))
+            continue
+        if protected or age <= 3600:
+            continue
+        bucket = ((version.path, "day", int(version.time // 86400)) if age > 86400
+                  else (version.path, "hour", int(version.time // 3600)))
+        if bucket in kept:
+            doomed.append((version.path, version.revision))
+        else:
+            kept.add(bucket)
+    return doomed
+
+
 class Tree:
     """The synced tree, and the only place where it changes.
 
@@ -2490,11 +3015,18 @@ class Tree:
         self.rehashing: set[str] = set()    # paths whose record may be stale until rehashed
         self._write_lock = asyncio.Lock()
         self._writes = 0
+        self._thinned_up_to = ""            # the retention's place among the paths
+        self._pruner: asyncio.Future[None] | None = None
 
     def configure(self, config: Config) -> None:
         """Take a reloaded configuration."""
         self.config = config
         self.hub.configure(config)
+
+    @property
+    def keeps_versions(self) -> bool:
+        """Whether replaced and deleted content is kept (versions_max_age_days > 0)."""
+        return self.config.versions_max_age_days > 0
 
     def failure(self, exc: BaseException) -> Refused | None:
         """The contract's answer to a storage error (disk or database), or None."""
@@ -2526,6 +3058,7 @@ class Tree:
         self.hub.start()
         self.rehashing = recovery.pending
         self.recovery = self.background.spawn(self._finish_recovery(recovery, removed))
+        self._pruner = asyncio.ensure_future(self._prune_forever())
         log.info("serving %s (epoch %s, cursor %d)", root.resolve(), self.store.epoch,
                  self.store.cursor)
 
@@ -2533,6 +3066,10 @@ class Tree:
         """Stop the rehash, close the WebSockets, let writes finish, close the stores."""
         if self.recovery is not None:
             self.recovery.cancel()
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
         await self.hub.close_all()
         await self.background.wait()
         await self.store.close()
@@ -2545,8 +3082,9 @@ class Tree:
                      len(recovery.suspects))
         try:
             report = await rehash_suspects(
-                self.store, self.files, recovery,
+                self._writing, self.files, recovery,
                 lambda record: self.hub.publish(file_changed_event(record)))
+            report.orphans_removed = await self._remove_orphan_blobs()
         except Exception as exc:
             if self.failure(exc) is None:
                 raise
@@ -2580,7 +3118,7 @@ class Tree:
             async for chunk in chunks:
                 received.inc(len(chunk))
                 yield chunk
-        return await self.files.stage(counted(), self.config.max_file_size)
+        return await self.files.stage(counted(), self.config.max_file_size, self.make_room)
 
     def discard(self, staged: StagedFile) -> None:
         """Drop a received file that will not be stored."""
@@ -2592,38 +3130,56 @@ class Tree:
         return await self.background.shielded(self._store_upload(staged, upload))
 
     async def _store_upload(self, staged: StagedFile, upload: Upload) -> tuple[FileRecord, bool]:
-        path, client_id = upload.path, upload.client_id
-        files = self.files
         try:
-            self.check_extension(path)
+            self.check_extension(upload.path)
             if upload.checksum is not None and staged.checksum != upload.checksum:
                 raise ChecksumMismatch(f"the bytes received hash to {staged.checksum}, "
                                        f"not {upload.checksum}")
-            await asyncio.to_thread(files.seal, staged, upload.modified_time)
-            async with self._writing() as tx:
-                current = await tx.get(path)
-                check_precondition(upload.pre, current)
-                live = current if current is not None and not current.deleted else None
-                if live is not None and live.checksum == staged.checksum:
-                    return live, False   # the same bytes again: nothing changes, nothing to announce
-                await tx.check_writable(path, self.config.allow_case_clash)
-                try:
-                    swap = await asyncio.to_thread(files.swap_in, staged, path)
-                except FolderBlocked as exc:
-                    raise PathBlocked(path, f"{exc} is in the way") from None
-                tx.undo.append(lambda: files.undo_swap(swap))
-                record = await tx.record_upsert(path, staged.checksum, staged.size,
-                                                upload.modified_time, client_id, staged.mtime_ns)
-                tx.after_commit.append(
-                    lambda: self.hub.publish(file_changed_event(record), client_id))
-            self.rehashing.discard(path)     # what a client wrote is what is on disk now
-            files.finish_swap(swap)
-            self.metrics.uploads.inc()
+            return await self._retry_when_full(lambda: self._put_in_place(staged, upload),
+                                               staged.size)
         finally:
-            files.discard(staged)
+            self.files.discard(staged)
+
+    async def _put_in_place(self, staged: StagedFile, upload: Upload) -> tuple[FileRecord, bool]:
+        """store_upload's one try: fsync, then in one transaction the checks, the old content
+        kept as a version, the rename and the journal; the announcement after the commit."""
+        path, client_id, files = upload.path, upload.client_id, self.files
+        await asyncio.to_thread(files.seal, staged, upload.modified_time)
+        async with self._writing() as tx:
+            current = await tx.get(path)
+            check_precondition(upload.pre, current)
+            live = current if current is not None and not current.deleted else None
+            if live is not None and live.checksum == staged.checksum:
+                return live, False   # the same bytes again: nothing changes, nothing to announce
+            await tx.check_writable(path, self.config.allow_case_clash)
+            keep = live.checksum if live is not None and self.keeps_versions else None
+            try:
+                swap = await asyncio.to_thread(files.swap_in, staged, path, keep)
+            except FolderBlocked as exc:
+                raise PathBlocked(path, f"{exc} is in the way") from None
+            tx.undo.append(lambda: files.undo_swap(swap))
+            record = await tx.record_upsert(path, staged.checksum, staged.size,
+                                            upload.modified_time, client_id, staged.mtime_ns)
+            if live is not None and swap.blob is not None:
+                await tx.record_version(live, record, "overwrite")
+            tx.after_commit.append(lambda: self.hub.publish(file_changed_event(record), client_id))
+        self.rehashing.discard(path)     # what a client wrote is what is on disk now
+        files.finish_swap(swap)
+        self.metrics.uploads.inc()
         log.info("stored %s (%d bytes, revision %d) from %s",
                  path, record.size, record.revision, client_id)
         return record, live is None
+
+    async def _retry_when_full(self, attempt: Callable[[], Awaitable[T]], needed: int) -> T:
+        """attempt(); if the disk or the database is full, prune the oldest versions to free
+        needed bytes and try once more (SPEC: 507 only if that fails too)."""
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not isinstance(self.failure(exc), StorageFull) or not await self.make_room(needed):
+                raise
+        log.warning("the disk was full: oldest versions pruned, trying again")
+        return await attempt()
 
     async def delete(self, path: str, client_id: str, pre: Precondition) -> tuple[int, int]:
         """Delete the file at path, or every file under the folder path; (count, last revision)."""
@@ -2663,11 +3219,16 @@ class Tree:
         """In tx: move the targets out of the tree and leave their tombstones; announce them
         after the commit, or put the files back if it fails."""
         files, hub = self.files, self.hub
-        removals = await asyncio.to_thread(files.remove_many, [target.path for target in targets])
+        keep = {target.path: target.checksum for target in targets} if self.keeps_versions else {}
+        removals = await asyncio.to_thread(
+            files.remove_many, [target.path for target in targets], keep)
         tx.undo.append(lambda: [files.undo_remove(removal) for removal in reversed(removals)])
+        kept = {removal.path for removal in removals if removal.blob is not None}
         tombs = []
         for target in targets:
             tomb = await tx.record_delete(target, client_id)
+            if target.path in kept:
+                await tx.record_version(target, tomb, "delete")
             tombs.append(tomb)
             tx.after_commit.append(
                 lambda tomb=tomb: hub.publish(file_deleted_event(tomb), client_id))
@@ -2678,6 +3239,149 @@ class Tree:
         self.metrics.deletes.inc(count)
         await asyncio.to_thread(self.files.finish_removals, removals)
 
+    # -- versions: restore, removal, retention ------------------------------------
+
+    async def restore(self, path: str, revision: int, client_id: str,
+                      pre: Precondition) -> tuple[FileRecord, bool]:
+        """Make a kept version of path its live content again, as a new change."""
+        version = await self.store.get_version(path, revision)
+        if version is None:
+            raise NotFound(f"revision {revision} of {path} is not kept")
+        return await self._restore_content(path, version.checksum, version.modified_time,
+                                           client_id, pre)
+
+    async def _restore_content(self, path: str, checksum: str, modified_time: float,
+                               client_id: str, pre: Precondition) -> tuple[FileRecord, bool]:
+        """store_upload of a copy of kept content (so that the replaced content is kept in turn)."""
+        try:
+            staged = await self._retry_when_full(
+                lambda: asyncio.to_thread(self.files.stage_blob, checksum), 0)
+        except NotRegular:
+            raise NotFound(f"the content of {path} is no longer kept") from None
+        return await self.store_upload(staged, Upload(path, client_id, modified_time, checksum, pre))
+
+    async def restore_at(self, prefix: str, at: int, client_id: str,
+                         delete_newer: bool) -> PointInTime:
+        """Give every path under prefix the state it had just after change at; each path that
+        changes is a change of its own. A path written meanwhile by someone else is left
+        as it is (its restore is conditional on what we saw) and reported as blocked."""
+        if at > self.store.cursor:
+            raise InvalidRequest(f"at must be a seq up to the cursor ({self.store.cursor})")
+        then, now = await self.store.state_at(prefix, at)
+        result = PointInTime()
+        for path in sorted(set(then) | set(now)):
+            was, current = then.get(path), now.get(path)
+            live = current if current is not None and not current.deleted else None
+            if live is not None and (was is None or was.type == "delete") and delete_newer:
+                try:
+                    await self.delete(path, client_id, Precondition(base_checksum=live.checksum))
+                    result.deleted += 1
+                except (Conflict, NotFound):
+                    result.blocked.append(path)
+        for path in sorted(then):
+            was, current = then[path], now.get(path)
+            live = current if current is not None and not current.deleted else None
+            if was.type != "upsert" or (live is not None and live.checksum == was.checksum):
+                continue
+            if not await self.store.has_blob(was.checksum):
+                result.unavailable.append(path)
+                continue
+            try:
+                await self._restore_content(path, was.checksum, was.modified_time, client_id,
+                                            Precondition(base_checksum=live.checksum if live
+                                                         else current.checksum if current else ""))
+                result.restored += 1
+            except (Conflict, CaseConflict):
+                result.blocked.append(path)
+            except NotFound:
+                result.unavailable.append(path)
+        result.cursor = self.store.cursor
+        log.info("restored %s as at seq %d for %s: %d restored, %d deleted, %d unavailable, "
+                 "%d blocked", prefix or "the whole tree", at, client_id, result.restored,
+                 result.deleted, len(result.unavailable), len(result.blocked))
+        return result
+
+    async def remove_versions(self, path: str, revision: int | None) -> int:
+        """Destroy one kept version of path, or all of them; how many (NotFound: none)."""
+        if revision is not None:
+            keys = [(path, revision)]
+        else:
+            keys = [(version.path, version.revision) for version in await self.store.versions_of(path)]
+        async with self._writing() as tx:
+            await tx.drop_versions(keys)
+        if not tx.versions:
+            raise NotFound(f"no kept version of {path}" + (f" at revision {revision}"
+                                                            if revision is not None else ""))
+        return -tx.versions
+
+    async def make_room(self, needed: int) -> bool:
+        """Free at least needed bytes (a batch at least) by pruning the oldest versions;
+        whether anything was freed."""
+        async with self._writing() as tx:
+            await self._drop_oldest(tx, lambda: -tx.blob_bytes >= max(needed, 1))
+        if tx.versions:
+            self.metrics.prunes.inc(-tx.versions)
+            log.warning("the disk is full: %d oldest version(s) pruned (%d bytes freed)",
+                        -tx.versions, -tx.blob_bytes)
+        return tx.blob_bytes < 0
+
+    async def prune_versions(self, now: float | None = None) -> int:
+        """One bounded round of retention: thin the versions of the next few paths, age out
+        the oldest, then keep under versions_max_size; how many versions went."""
+        now = time.time() if now is None else now
+        max_age = self.config.versions_max_age_days * 86400
+        candidates = await self.store.thinning_candidates(self._thinned_up_to, PRUNE_PATHS)
+        self._thinned_up_to = candidates[-1][0].path if candidates else ""
+        doomed = set(versions_to_thin(candidates, now, max_age))
+        cap = self.config.versions_max_size
+        async with self._writing() as tx:
+            doomed.update((version.path, version.revision)
+                          for version in await tx.oldest_versions(PRUNE_BATCH)
+                          if now - version.time > max_age)
+            await tx.drop_versions(sorted(doomed))
+            if cap is not None:
+                await self._drop_oldest(tx, lambda: self.store.blob_bytes + tx.blob_bytes <= cap)
+        if tx.versions:
+            self.metrics.prunes.inc(-tx.versions)
+            log.info("retention: %d version(s) pruned, %d bytes freed", -tx.versions,
+                     -tx.blob_bytes)
+        return -tx.versions
+
+    async def _remove_orphan_blobs(self) -> int:
+        """Remove the blobs no version refers to (left by a change that crashed before its
+        commit and was not adopted); under the write lock, so that no write is half-way."""
+        async with self._write_lock:
+            on_disk = await asyncio.to_thread(self.files.list_blobs)
+            orphans = set(on_disk) - await self.store.blob_checksums()
+            await asyncio.to_thread(self.files.remove_blobs, orphans)
+        return len(orphans)
+
+    @staticmethod
+    async def _drop_oldest(tx: Transaction, enough: Callable[[], bool]) -> None:
+        """In tx, drop the oldest versions one by one until enough() (PRUNE_ROUNDS batches
+        at most: a round's work is bounded)."""
+        for _ in range(PRUNE_ROUNDS):
+            oldest = [] if enough() else await tx.oldest_versions(PRUNE_BATCH)
+            for version in oldest:
+                if enough():
+                    return
+                await tx.drop_versions([(version.path, version.revision)])
+            if len(oldest) < PRUNE_BATCH:
+                return
+
+    async def _prune_forever(self) -> None:
+        """The background pruner: a bounded round every PRUNE_INTERVAL seconds (sooner while
+        there is more to do)."""
+        while True:
+            try:
+                pruned = await self.prune_versions()
+            except Exception as exc:
+                if self.failure(exc) is None:
+                    raise
+                log.error("retention stopped for a while: %s", exc)
+                pruned = 0
+            await asyncio.sleep(1.0 if pruned >= PRUNE_BATCH else PRUNE_INTERVAL)
+
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[Transaction]:
         """A store transaction that may rename in the tree: the seqlock's writer side."""
@@ -2686,6 +3390,8 @@ class Tree:
             try:
                 async with self.store.transaction() as tx:
                     yield tx
+                if tx.gone_blobs:    # under the lock: no write may link that content meanwhile
+                    await asyncio.to_thread(self.files.remove_blobs, tx.gone_blobs)
             finally:
                 self._writes += 1
 
@@ -2717,6 +3423,31 @@ class Tree:
         if handle is None or record is None:
             raise NotFound(f"no file at {path}")
         return handle, record
+
+    async def versions(self, path: str) -> tuple[FileRecord | None, list[Version]]:
+        """The path's live record (None when deleted) and its kept versions, newest first;
+        NotFound when it has neither."""
+        current = await self.store.get(path)
+        live = current if current is not None and not current.deleted else None
+        kept = await self.store.versions_of(path)
+        if live is None and not kept:
+            raise NotFound(f"no file and no kept version at {path}")
+        return live, kept
+
+    async def open_revision(self, path: str, revision: int) -> tuple[Any, FileRecord]:
+        """open_for_read of one revision of path: a kept version, or the live file."""
+        version = await self.store.get_version(path, revision)
+        if version is None:
+            handle, record = await self.open_for_read(path)
+            if record.revision == revision:
+                return handle, record
+            handle.close()
+            raise NotFound(f"revision {revision} of {path} is not kept")
+        try:
+            handle = await asyncio.to_thread(self.files.open_blob, version.checksum)
+        except NotRegular:
+            raise NotFound(f"revision {revision} of {path} is no longer kept") from None
+        return handle, version.as_record()
 
     async def _open_with_record(self, path: str) -> tuple[Any, FileRecord | None]:
         """The path's live record (or None) and, only if there is one, the file opened (or None).
@@ -3350,14 +4081,71 @@ async def handle_delete_file(request: web.Request) -> web.Response:
 
 
 async def handle_download(request: web.Request) -> web.StreamResponse:
-    """GET/HEAD /download/{path} and /files/{path}: the file's bytes."""
+    """GET/HEAD /download/{path} and /files/{path}: the file's bytes (?revision=N: that
+    revision's, kept as a version or live)."""
     tree = state_of(request).tree
     path = validate_path(request.match_info["path"])
-    handle, record = await tree.open_for_read(path)
+    if "revision" in request.query:
+        handle, record = await tree.open_revision(path, query_int(request, "revision", 0))
+    else:
+        handle, record = await tree.open_for_read(path)
     try:
         return await send_file(request, handle, record, tree.metrics)
     finally:
         handle.close()
+
+
+async def handle_versions(request: web.Request) -> web.Response:
+    """GET /versions/{path}: the live file and its kept versions, newest first."""
+    path = validate_path(request.match_info["path"])
+    live, kept = await state_of(request).tree.versions(path)
+    return json_response({"path": path, "current": live.to_json() if live else None,
+                          "versions": [version.to_json() for version in kept]})
+
+
+async def handle_trash(request: web.Request) -> web.Response:
+    """GET /trash?prefix=P: deleted paths whose last content is kept."""
+    prefix = unicodedata.normalize("NFC", request.query.get("prefix", ""))
+    kept = await state_of(request).tree.store.trash(prefix)
+    return json_response({"files": [version.trash_json() for version in kept]})
+
+
+async def handle_restore(request: web.Request) -> web.Response:
+    """POST /restore: one path to a kept revision, or a folder (or everything) to a moment."""
+    tree = state_of(request).tree
+    data = await read_json_object(request)
+    client_id = note_client(request, validate_client_id(data.get("client_id")))
+    if "at" in data or "prefix" in data:
+        prefix = data.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise invalid_request("prefix must be a path, or \"\" for the whole tree")
+        delete_newer = data.get("delete_newer", False)
+        if not isinstance(delete_newer, bool):
+            raise invalid_request("delete_newer must be true or false")
+        result = await tree.restore_at(validate_path(prefix) if prefix else "",
+                                       whole_number(data.get("at"), "at"), client_id,
+                                       delete_newer)
+        return json_response(result.to_json())
+    raw_path = data.get("path")
+    if not isinstance(raw_path, str):
+        raise invalid_request("path (with revision), or prefix with at, is required")
+    base = data.get("base_checksum")
+    pre = Precondition(base_checksum=None if base is None else validate_checksum(
+        base, "base_checksum", allow_empty=True))
+    record, _ = await tree.restore(validate_path(raw_path), whole_number(
+        data.get("revision"), "revision"), client_id, pre)
+    return json_response({"success": True, **record.to_json()})
+
+
+async def handle_delete_versions(request: web.Request) -> web.Response:
+    """DELETE /versions/{path}?client_id=ID[&revision=N]: destroy kept versions."""
+    tree = state_of(request).tree
+    path = validate_path(request.match_info["path"])
+    client_id = note_client(request, validate_client_id(request.query.get("client_id")))
+    revision = query_int(request, "revision", 0) if "revision" in request.query else None
+    removed = await tree.remove_versions(path, revision)
+    log.info("%d version(s) of %s destroyed by %s", removed, path, client_id)
+    return json_response({"success": True, "removed": removed})
 
 
 async def handle_list_files(request: web.Request) -> web.Response:
@@ -3457,6 +4245,9 @@ def gauges_of(state: State) -> list[tuple[str, str, float]]:
         ("syncd_files", "Live files stored.", tree.store.live_files),
         ("syncd_stored_bytes", "Bytes of the live files stored.", tree.store.live_bytes),
         ("syncd_cursor", "The last change's seq.", tree.store.cursor),
+        ("syncd_versions", "Versions kept.", tree.store.version_count),
+        ("syncd_version_bytes", "Bytes the kept versions take (each content once).",
+         tree.store.blob_bytes),
         ("syncd_uptime_seconds", "Seconds since start.", time.monotonic() - state.started),
     ]
 
@@ -3708,6 +4499,10 @@ def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
     app.router.add_get("/changes", handle_changes)
     app.router.add_get("/ws/{client_id}", handle_ws)
     app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/versions/{path:.*}", handle_versions)
+    app.router.add_delete("/versions/{path:.*}", handle_delete_versions)
+    app.router.add_get("/trash", handle_trash)
+    app.router.add_post("/restore", handle_restore)
     return app
 
 
@@ -4801,12 +5596,228 @@ def client_main(args: argparse.Namespace) -> int:
 
 
 # ===========================================================================
+# Admin commands: versions, trash, restore (against a running server, by its API)
+# ===========================================================================
+
+class AdminError(Exception):
+    """The server refused an admin command, or could not be reached: one line for the user."""
+
+
+def format_size(size: int) -> str:
+    """Bytes as people read them: 512 B, 4.0 KiB, 1.5 GiB."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def format_time(seconds: float) -> str:
+    """Unix seconds as local time."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def table(headers: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """Columns aligned to their widest cell."""
+    widths = [max([len(header), *(len(line[i]) for line in lines)])
+              for i, header in enumerate(headers)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in [headers, *lines])
+
+
+class Admin:
+    """One admin command's calls to the server."""
+
+    def __init__(self, session: aiohttp.ClientSession, server: str, api_key: str | None) -> None:
+        self.session = session
+        self.server = server.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def call(self, method: str, route: str, path: str = "", **kwargs: Any) -> Any:
+        """The JSON answer of a request; AdminError with the server's message otherwise."""
+        url = URL(self.server + route + quote(path, safe="/"), encoded=True)
+        try:
+            async with self.session.request(method, url, headers=self.headers,
+                                            **kwargs) as response:
+                body = await response.json(content_type=None)
+        except (aiohttp.ClientError, ValueError, OSError) as exc:
+            raise AdminError(f"cannot reach {self.server}: {exc or type(exc).__name__}") from None
+        if response.status >= 400:
+            detail = body.get("message") if isinstance(body, dict) else None
+            raise AdminError(f"{response.status} {body.get('error') if isinstance(body, dict) else ''}:"
+                             f" {detail or 'no details'}")
+        return body
+
+    async def seq_at_time(self, moment: float) -> int:
+        """The last change's seq at moment (0: none yet), from /changes."""
+        since, found = 0, 0
+        while True:
+            page = await self.call("GET", "/changes", params={"since": str(since),
+                                                             "limit": str(CHANGES_MAX_LIMIT)})
+            for change in page["changes"]:
+                if change["time"] > moment:
+                    return found
+                found = change["seq"]
+            if not page["has_more"]:
+                return found
+            since = page["changes"][-1]["seq"]
+
+
+async def run_admin(args: argparse.Namespace, api_key: str | None) -> str:
+    """Carry out one admin command; what to print."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        admin = Admin(session, args.server, api_key)
+        if args.command == "versions":
+            body = await admin.call("GET", "/versions/", args.path)
+            return json.dumps(body, indent=2) if args.json else versions_table(body)
+        if args.command == "trash":
+            body = await admin.call("GET", "/trash", params={"prefix": args.prefix})
+            return json.dumps(body, indent=2) if args.json else trash_table(body["files"])
+        return await run_restore(admin, args)
+
+
+async def run_restore(admin: Admin, args: argparse.Namespace) -> str:
+    """`restore PATH [--revision N]` or `restore --prefix P --at SEQ|--at-time T`."""
+    client_id = args.client_id or default_client_id()
+    if args.prefix is not None:
+        at = args.at if args.at is not None else await admin.seq_at_time(args.at_time)
+        body = await admin.call("POST", "/restore", json={
+            "client_id": client_id, "prefix": args.prefix, "at": at,
+            "delete_newer": args.delete_newer})
+        if args.json:
+            return json.dumps(body, indent=2)
+        lines = [f"{args.prefix or 'the whole tree'} as it was at seq {at}: "
+                 f"{body['restored']} restored, {body['deleted']} deleted"]
+        lines += [f"not kept any more: {path}" for path in body["unavailable"]]
+        lines += [f"changed meanwhile or in the way, left as it is: {path}"
+                  for path in body.get("blocked", [])]
+        return "\n".join(lines)
+    revision = args.revision
+    if revision is None:
+        kept = (await admin.call("GET", "/versions/", args.path))["versions"]
+        if not kept:
+            raise AdminError(f"no kept version of {args.path}")
+        revision = kept[0]["revision"]
+    body = await admin.call("POST", "/restore", json={
+        "client_id": client_id, "path": args.path, "revision": revision,
+        **({"base_checksum": args.base_checksum} if args.base_checksum is not None else {})})
+    return json.dumps(body, indent=2) if args.json else (
+        f"restored {args.path} to revision {revision} ({format_size(body['size'])}); "
+        f"it is revision {body['revision']} now")
+
+
+def versions_table(body: Mapping[str, Any]) -> str:
+    """GET /versions as a table."""
+    current = body["current"]
+    lines = [["live", format_time(current["modified_time"]), format_size(current["size"]),
+              "", "", str(current["revision"]), current["checksum"][:12]]] if current else []
+    lines += [[str(v["revision"]), format_time(v["modified_time"]), format_size(v["size"]),
+               f"{v['reason']} {format_time(v['time'])}", v["replaced_by"],
+               str(v["replaced_at"]), v["checksum"][:12]] for v in body["versions"]]
+    return f"{body['path']}\n" + table(
+        ["REVISION", "MODIFIED", "SIZE", "REPLACED", "BY", "AT SEQ", "CHECKSUM"], lines)
+
+
+def trash_table(files: Sequence[Mapping[str, Any]]) -> str:
+    """GET /trash as a table."""
+    if not files:
+        return "the trash is empty"
+    return table(["PATH", "SIZE", "DELETED", "BY", "REVISION"], [
+        [f["path"], format_size(f["size"]), format_time(f["time"]), f["deleted_by"],
+         str(f["revision"])] for f in files])
+
+
+def add_admin_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every admin command shares."""
+    parser.add_argument("--server", default="http://127.0.0.1:8000", metavar="URL",
+                        help="the running server (default: http://127.0.0.1:8000)")
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", metavar="KEY", help="the server's API key (default: none)")
+    keys.add_argument("--api-key-file", metavar="PATH",
+                      help="a file holding only the server's API key")
+    parser.add_argument("--json", action="store_true",
+                        help="print the server's JSON answer (default: a table for people)")
+
+
+def parse_local_time(text: str) -> float:
+    """Unix seconds of "2026-12-01 10:00" (local time unless it names a zone), for --at-time."""
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'expected a time like "2026-12-01 10:00", got {text!r}') from None
+    return moment.timestamp()
+
+
+def add_admin_commands(commands: Any) -> None:
+    """versions, trash and restore."""
+    versions = commands.add_parser(
+        "versions", help="list the kept versions of a path",
+        description="List the live file at PATH and its kept versions, newest first.")
+    versions.add_argument("path", help="the file's path on the server")
+    add_admin_flags(versions)
+    trash = commands.add_parser(
+        "trash", help="list deleted files whose content is kept",
+        description="List the deleted files whose last content is kept (restore them with "
+                    "`restore PATH`).")
+    trash.add_argument("prefix", nargs="?", default="",
+                       help="only paths starting with this (default: all)")
+    add_admin_flags(trash)
+    restore = commands.add_parser(
+        "restore", help="bring back a file, a folder or the whole tree",
+        description="Restore PATH to a kept revision (default: its newest kept version), or, "
+                    "with --prefix, a folder or the whole tree to how it was at a moment. "
+                    "Each restored file is an ordinary change that every device receives.")
+    restore.add_argument("path", nargs="?", help="the file to restore")
+    restore.add_argument("--revision", type=int, metavar="N",
+                         help="the revision to restore (see `versions PATH`)")
+    restore.add_argument("--base-checksum", metavar="SHA256",
+                         help="only if the live file is still this one (\"\" : only if none)")
+    restore.add_argument("--prefix", metavar="FOLDER",
+                         help='the folder to take back in time ("" : the whole tree)')
+    moment = restore.add_mutually_exclusive_group()
+    moment.add_argument("--at", type=int, metavar="SEQ",
+                        help="the state just after this change (a seq; see GET /changes)")
+    moment.add_argument("--at-time", type=parse_local_time, metavar="TIME",
+                        help='the state at this local time, like "2026-12-01 10:00"')
+    restore.add_argument("--delete-newer", action="store_true",
+                         help="with --prefix: also delete files created since (default: keep)")
+    restore.add_argument("--client-id", metavar="ID",
+                         help="who restores, as other devices see it (default: the host name)")
+    add_admin_flags(restore)
+
+
+def admin_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`python syncd.py versions|trash|restore ...`: 0, 1 when the server refused, 2 on
+    bad arguments."""
+    if args.command == "restore":
+        if (args.prefix is None) == (args.path is None):
+            parser.error("restore: give PATH, or --prefix with --at or --at-time")
+        if args.prefix is not None and args.at is None and args.at_time is None:
+            parser.error("restore --prefix: give --at SEQ or --at-time TIME")
+    try:
+        api_key = read_api_key_file(args.api_key_file) if args.api_key_file else args.api_key
+    except ConfigError as exc:
+        print(f"syncd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        print(asyncio.run(run_admin(args, api_key)))
+    except AdminError as exc:
+        print(f"syncd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CLIENT_FAILED
+    return 0
+
+
+# ===========================================================================
 # CLI
 # ===========================================================================
 
 FLAG_METAVARS = {"host": "ADDRESS", "sync_directory": "PATH", "api_key": "KEY",
                  "api_key_file": "PATH"}
 PARSER_METAVARS = {parse_port: "PORT", parse_size: "SIZE", parse_seconds: "SECONDS",
+                   parse_days: "DAYS",
                    parse_positive_whole: "N", parse_extensions: "LIST", parse_origins: "LIST",
                    parse_hosts: "LIST", parse_log_level: "LEVEL"}
 
@@ -4868,14 +5879,18 @@ def main_parser() -> argparse.ArgumentParser:
         "client", help="keep a folder in sync with a syncd server",
         description="Keep a folder in sync with a syncd server, through its public API.")
     add_client_flags(client)
+    add_admin_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the command the arguments name (serve by default)."""
-    args = main_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser = main_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command == "client":
         return client_main(args)
+    if args.command in ("versions", "trash", "restore"):
+        return admin_main(args, parser)
     return serve_main(args)
 
 
