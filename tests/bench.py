@@ -17,7 +17,11 @@ another port) and measures, each as the median of several runs with min and max:
     every client had it before the uploader had its answer), and from the
     upload's start;
  7. the daemon's idle resident memory;
- 8. the live client: a write in folder A to the same bytes in folder B.
+ 8. the live client: a write in folder A to the same bytes in folder B;
+ 9. the cost of versions: 4 KiB overwrites (wrk, c=8, 100 paths over and over) and
+    overwrites of the large file, against a second syncd with versions off
+    (versions_max_age_days = 0) in the same run; and the disk versions take in an
+    editing scenario (documents edited, some deleted, a folder deleted).
 
 nginx runs workloads 1-4 in the same run; the table shows syncd/nginx. Note
 that nginx's PUT neither hashes nor fsyncs: syncd does both before it answers.
@@ -111,12 +115,13 @@ def status_field(pid: int, name: str) -> int:
     raise SystemExit(f"bench: no {name} for {pid}")
 
 
-def start_syncd(work: Path, data: str = "syncd-data", timeout: float = 60) -> Server:
+def start_syncd(work: Path, data: str = "syncd-data", timeout: float = 60,
+                extra: tuple[str, ...] = ()) -> Server:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "syncd.py"), "--port", str(port), "--sync-directory",
          str(work / data), "--log-level", "warning", "--max-file-size", "2GiB",
-         "--max-websocket-clients", "5000"],
+         "--max-websocket-clients", "5000", *extra],
         stdout=subprocess.DEVNULL, stderr=open(work / f"{data}.log", "ab"))
     wait_for(listening(port), timeout, "syncd")
     return Server("syncd", process, port, "/files/", "/files/")
@@ -238,7 +243,12 @@ function request()
     -- wrk calls request() once before the run: name 1 is never sent, so GET starts at 2
     if mode == "get" then index = ((sent - 1) % (limit - 1)) + 2 end
     local number = id * 10000000 + index
+    if mode == "overwrite" then number = id * 10000000 + (sent % limit) end
     local path = prefix .. number .. ".bin"
+    if mode == "overwrite" then
+        local body = string.format("%016d", sent) .. filler
+        return wrk.format("PUT", path, {["X-Client-Id"] = "bench"}, body)
+    end
     if mode == "put" then
         local body = string.format("%016d", number) .. filler
         return wrk.format("PUT", path, {["X-Client-Id"] = "bench"}, body)
@@ -299,6 +309,86 @@ def bench_small(server: Server, work: Path, rounds: int) -> dict[str, Any]:
             "upload_p99_ms": summary([u["p99_ms"] for u in uploads]),
             "download_files_per_s": summary([d["files_per_s"] for d in downloads]),
             "download_p99_ms": summary([d["p99_ms"] for d in downloads])}
+
+
+def bench_versions(work: Path, big: Path, rounds: int) -> dict[str, Any]:
+    """Workload 9: overwrites with versions on and off, side by side."""
+    figures: dict[str, Any] = {}
+    for label, extra in (("on", ()), ("off", ("--versions-max-age-days", "0"))):
+        server = start_syncd(work, f"versions-{label}", extra=extra)
+        try:
+            small = [wrk(server, work, "overwrite", f"over{index}/f", 50)
+                     for index in range(rounds)]
+            # two contents in turn: the same bytes again would be no change at all
+            contents = [big, other_big(work, big)]
+            curl("-T", str(contents[1]), "-H", "X-Client-Id: bench", f"{server.url}/files/big.bin")
+            speeds = [big.stat().st_size / curl(
+                "-T", str(contents[index % 2]), "-H", "X-Client-Id: bench",
+                f"{server.url}/files/big.bin")["time"] / MB for index in range(rounds)]
+            figures[label] = {"overwrite_files_per_s": summary([f["files_per_s"] for f in small]),
+                              "big_overwrite_mb_per_s": summary(speeds)}
+        finally:
+            server.stop()
+    figures["disk"] = versions_disk(work)
+    return figures
+
+
+def other_big(work: Path, big: Path) -> Path:
+    """A copy of the big file with its first byte changed (made once)."""
+    other = work / "big-other.bin"
+    if not other.exists():
+        shutil.copyfile(big, other)
+        with open(other, "r+b") as handle:
+            first = handle.read(1)
+            handle.seek(0)
+            handle.write(bytes([first[0] ^ 0xFF]))
+    return other
+
+
+def versions_disk(work: Path) -> dict[str, float]:
+    """The editing scenario: 200 documents of 20-200 KB; 10 rounds of editing a fifth of
+    them (a few bytes changed: a new content each time) and deleting 2; then a folder of
+    50 photos (300 KB) is deleted. Versions' bytes against the live files' bytes."""
+    import random
+    import urllib.request
+    rng = random.Random(11)
+    server = start_syncd(work, "versions-disk")
+    docs = {f"docs/{index:03d}.odt": bytearray(os.urandom(rng.randrange(20_000, 200_000)))
+            for index in range(200)}
+
+    def put(path: str, data: bytes) -> None:
+        request = urllib.request.Request(f"{server.url}/files/{path}", data=bytes(data),
+                                         method="PUT", headers={"X-Client-Id": "bench"})
+        urllib.request.urlopen(request, timeout=60).close()
+
+    def delete(path: str) -> None:
+        request = urllib.request.Request(f"{server.url}/files/{path}?client_id=bench",
+                                         method="DELETE")
+        urllib.request.urlopen(request, timeout=60).close()
+    try:
+        for path, data in docs.items():
+            put(path, data)
+        for index in range(50):
+            put(f"photos/{index:02d}.jpg", os.urandom(300_000))
+        for _ in range(10):
+            for path in rng.sample(sorted(docs), 40):
+                docs[path][rng.randrange(len(docs[path]))] ^= 0xFF
+                put(path, docs[path])
+            for path in rng.sample(sorted(docs), 2):
+                delete(path)
+                del docs[path]
+        delete("photos")
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=60) as response:
+            metrics = dict(line.split(" ", 1) for line in response.read().decode().splitlines()
+                           if line and not line.startswith("#") and "{" not in line)
+        blobs = work / "versions-disk" / ".syncd" / "blobs"
+        on_disk = sum(entry.stat().st_size for folder in blobs.iterdir() for entry in folder.iterdir())
+    finally:
+        server.stop()
+    return {"live_mb": float(metrics["syncd_stored_bytes"]) / MB,
+            "versions": float(metrics["syncd_versions"]),
+            "version_mb": float(metrics["syncd_version_bytes"]) / MB,
+            "blob_dir_mb": on_disk / MB}
 
 
 def bench_sync_manifest(work: Path, files: int, rounds: int) -> dict[str, Any]:
@@ -471,6 +561,23 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"{'idle RSS':46} {s['idle_rss_mb']:10.1f} {'':10} {'':10} MB")
     if "live" in s:
         print(row("live client: write on A -> bytes on B", s["live"]["ms"], "ms"))
+    print_versions(results)
+
+
+def print_versions(results: dict[str, Any]) -> None:
+    """Workload 9's lines of the table."""
+    s, big = results["syncd"], results["large_file"]
+    if "versions" in s:
+        on, off = s["versions"]["on"], s["versions"]["off"]
+        print(f"{'versions on vs off (same run)':46} {'on':>10} {'off':>10} {'on/off':>10}")
+        for key, label, unit in (("overwrite_files_per_s", "4 KiB overwrites, c=8", "files/s"),
+                                 ("big_overwrite_mb_per_s", f"{big} overwrite", "MB/s")):
+            print(f"{'  ' + label:46} {on[key]['median']:10.1f} {off[key]['median']:10.1f} "
+                  f"{on[key]['median'] / off[key]['median']:9.2f}x {unit}")
+        disk = s["versions"]["disk"]
+        print(f"{'  editing scenario: live / versions MB':46} {disk['live_mb']:10.1f} "
+              f"{disk['version_mb']:10.1f} {'':10} ({disk['versions']:.0f} versions, blob "
+              f"folder {disk['blob_dir_mb']:.1f} MB)")
 
 
 def main() -> int:
@@ -480,7 +587,10 @@ def main() -> int:
                         help="64 MiB instead of 1 GiB, 10,000 instead of 100,000 entries, "
                              "200 WebSocket clients: a smoke run")
     parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--skip", default="", help="comma-separated: sync,fanout,live,nginx")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated: sync,fanout,live,nginx,versions")
+    parser.add_argument("--only", default="",
+                        help="comma-separated workloads to run alone: versions")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -501,6 +611,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="syncd-bench-", dir=os.environ.get("BENCH_DIR")) as temp:
         work = Path(temp)
         big = make_big_file(work, size)
+        if "versions" in args.only.split(","):
+            results["syncd"]["versions"] = bench_versions(work, big, args.rounds)
+            print_versions(results)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+            return 0
         server = start_syncd(work)
         try:
             time.sleep(0.5)
@@ -521,6 +637,8 @@ def main() -> int:
                 live_server.stop()
         if "sync" not in skip:
             results["syncd"]["sync"] = bench_sync_manifest(work, entries, args.rounds)
+        if "versions" not in skip:
+            results["syncd"]["versions"] = bench_versions(work, big, args.rounds)
         nginx = None if "nginx" in skip else start_nginx(work)
         if nginx is not None:
             try:

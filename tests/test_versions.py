@@ -363,8 +363,10 @@ async def test_the_trash_is_never_thinned_only_aged_out(client: Any, data_dir: P
     await put(client, "a.txt", b"two")
     await client.delete("/files/a.txt", params={"client_id": "x"})    # two versions, same old hour
     old_hour = (time.time() // 3600 - 2) * 3600 + 100
-    age(data_dir, "a.txt", [old_hour + 20, old_hour + 10])
-    await tree_of(client).prune_versions(now=time.time())
+    # the delete's version is not the newest of its hour (a clock that stepped back): the
+    # hour's newest is kept, and so is the deleted file's last content
+    age(data_dir, "a.txt", [old_hour + 10, old_hour + 20])
+    assert await tree_of(client).prune_versions(now=time.time()) == 0
     assert [f["path"] for f in (await (await client.get("/trash")).json())["files"]] == ["a.txt"]
     await tree_of(client).prune_versions(now=time.time() + 31 * 86400)
     assert (await (await client.get("/trash")).json())["files"] == []
