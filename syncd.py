@@ -2990,12 +2990,14 @@ class Tree:
     """The synced tree, and the only place where it changes.
 
     It owns the metadata store, the file store, the hub and the metrics, and
-    has one method per change (store_upload, delete) and one open_for_read.
-    Every route and protocol that writes ends in one of them, so each
-    guarantee is written once: bytes in a temp file, fsynced; preconditions
-    checked under the commit lock; the rename and the journal entry in one
-    transaction (undone together); the announcement after the commit; and
-    the work carried to its end even if the client goes away.
+    has one method per change (store_upload, delete, restore, restore_at,
+    remove_versions, prune_versions) and one open_for_read (open_revision for
+    kept versions). Every route and protocol that writes ends in one of them,
+    so each guarantee is written once: bytes in a temp file, fsynced;
+    preconditions checked under the commit lock; the replaced content kept as
+    a version; the rename and the journal entry in one transaction (undone
+    together); the announcement after the commit; and the work carried to its
+    end even if the client goes away.
 
     A download must pair a record with exactly the bytes it describes: the
     tree's writes form a seqlock (_writes is odd while one is under way), so
@@ -5711,8 +5713,8 @@ async def run_restore(admin: Admin, args: argparse.Namespace) -> str:
 def versions_table(body: Mapping[str, Any]) -> str:
     """GET /versions as a table."""
     current = body["current"]
-    lines = [["live", format_time(current["modified_time"]), format_size(current["size"]),
-              "", "", str(current["revision"]), current["checksum"][:12]]] if current else []
+    lines = [[f"{current['revision']} (live)", format_time(current["modified_time"]),
+              format_size(current["size"]), "", "", "", current["checksum"][:12]]] if current else []
     lines += [[str(v["revision"]), format_time(v["modified_time"]), format_size(v["size"]),
                f"{v['reason']} {format_time(v['time'])}", v["replaced_by"],
                str(v["replaced_at"]), v["checksum"][:12]] for v in body["versions"]]
