@@ -101,6 +101,7 @@ MAX_TEXT_FIELD = 8 * 1024         # a multipart text field (path, checksum, ...)
 MAX_MULTIPART_PARTS = 16
 MAX_WS_MESSAGE = 64 * 1024
 DELETE_BATCH = 200                # files of a folder deleted per transaction
+RESERVE_BYTES = 1024 * 1024       # kept free in .syncd/reserve: a full disk can still be pruned
 CHANGES_DEFAULT_LIMIT = 1000
 CHANGES_MAX_LIMIT = 10000
 MAX_MODIFIED_TIME = 1e11          # ~ year 5138; beyond that utime() overflows on some systems
@@ -1793,6 +1794,7 @@ class FileStore:
                 removed += 1
             except FileNotFoundError:
                 continue
+        self.ensure_reserve()
         made = False
         for index in range(256):        # made once, so that a write never has to
             try:
@@ -2033,6 +2035,44 @@ class FileStore:
             raise
         staged.checksum = hasher.hexdigest()
         return staged
+
+    # -- the reserve: space a full disk gives back, so that versions can be pruned --
+
+    def ensure_reserve(self, spare: int = 2 * RESERVE_BYTES) -> bool:
+        """Make .syncd/reserve (RESERVE_BYTES of zeros) if it is missing and the disk has
+        spare bytes free; whether it is there."""
+        reserve = self.state_dir / "reserve"
+        try:
+            if reserve.stat().st_size == RESERVE_BYTES:
+                return True
+        except FileNotFoundError:
+            pass
+        status = os.statvfs(self.state_dir)
+        if status.f_bavail * status.f_frsize < spare:
+            return False
+        try:
+            fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                write_all(fd, bytes(RESERVE_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                reserve.unlink()
+            if not is_full(exc):
+                raise
+            return False
+        return True
+
+    def release_reserve(self) -> bool:
+        """Remove the reserve (the disk is full: pruning needs room to write to the
+        database); whether there was one."""
+        try:
+            (self.state_dir / "reserve").unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def has_blob(self, checksum: str) -> bool:
         """Whether a content is in the blob store."""
@@ -3317,14 +3357,20 @@ class Tree:
         return -tx.versions
 
     async def make_room(self, needed: int) -> bool:
-        """Free at least needed bytes (a batch at least) by pruning the oldest versions;
-        whether anything was freed."""
+        """Free at least needed bytes by pruning the oldest versions; whether anything was
+        freed. The reserve goes first: on a disk full to the last byte the database
+        cannot even record a prune. It is put back at once when there was nothing to
+        prune (a write that cannot fit must not use it up), else by the next retention
+        round, once the disk has room again."""
+        released = await asyncio.to_thread(self.files.release_reserve)
         async with self._writing() as tx:
             await self._drop_oldest(tx, lambda: -tx.blob_bytes >= max(needed, 1))
         if tx.versions:
             self.metrics.prunes.inc(-tx.versions)
             log.warning("the disk is full: %d oldest version(s) pruned (%d bytes freed)",
                         -tx.versions, -tx.blob_bytes)
+        if tx.blob_bytes >= 0 and released:
+            await asyncio.to_thread(self.files.ensure_reserve, 0)
         return tx.blob_bytes < 0
 
     async def prune_versions(self, now: float | None = None) -> int:
@@ -3377,6 +3423,7 @@ class Tree:
         while True:
             try:
                 pruned = await self.prune_versions()
+                await asyncio.to_thread(self.files.ensure_reserve)
             except Exception as exc:
                 if self.failure(exc) is None:
                     raise

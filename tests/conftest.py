@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -246,6 +247,38 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             instance.process.kill()
             instance.process.wait(timeout=10)
         instance.log_file.close()
+
+
+@contextlib.contextmanager
+def tmpfs_daemon(tmp_path: Path, size: str = "4m") -> Iterator[tuple[int, Path, Path, int]]:
+    """syncd serving a tmpfs of size in a private mount namespace (unshare -m): a real
+    full disk. Yields its port, the tree, its log file and its pid (for nsenter); skips
+    where that is refused."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare")
+    data = tmp_path / "small"
+    data.mkdir()
+    port = free_port()
+    script = (f"mount -t tmpfs -o size={size} syncdtest {data} || exit 97; "
+              f"exec {sys.executable} {ROOT / 'syncd.py'} --port {port} --sync-directory {data}")
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                    script], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    pytest.skip(f"cannot mount a tmpfs here (exit {process.returncode})")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            yield port, data, log_path, process.pid
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
 
 
 # -- reference clients against a real daemon ----------------------------------------

@@ -5,23 +5,21 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from conftest import ROOT, Daemon, free_port, sha
+from conftest import Daemon, sha, tmpfs_daemon, wait_until
 from conftest import http_request as request
 
 
 def check_consistent(server: Daemon, path: str, allowed: list[bytes]) -> bytes:
-    """The file is one whole version, the database agrees with the disk, no temp is left."""
+    """The file is one whole version, the database agrees with the disk, no temp is left
+    (once start-up recovery is done: until then a file it must rehash is 503)."""
+    wait_until(lambda: "recovery: " in server.log(), "start-up recovery")
     status, headers, body = request(server.port, "GET", f"/download/{path}")
     assert status == 200
     assert body in allowed, f"a torn or unknown version of {len(body)} bytes"
@@ -81,41 +79,18 @@ def test_kill_9_after_acknowledged_uploads_loses_none(daemon: Any) -> None:
 
 def test_real_full_disk_is_507_then_works_again(tmp_path: Path) -> None:
     """A 4 MiB tmpfs in a private mount namespace (unshare -m); skips where refused."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare")
-    data = tmp_path / "small"
-    data.mkdir()
-    port = free_port()
-    script = (f"mount -t tmpfs -o size=4m syncdtest {data} || exit 97; "
-              f"exec {sys.executable} {ROOT / 'syncd.py'} --port {port} --sync-directory {data}")
-    log = open(tmp_path / "daemon.log", "wb")
-    process = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.skip(f"cannot mount a tmpfs here (exit {process.returncode})")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+    with tmpfs_daemon(tmp_path) as (port, data, _, pid):
         first, big = os.urandom(2_000_000), os.urandom(3_000_000)
         assert request(port, "PUT", "/files/first.bin", first, {"X-Client-Id": "a"})[0] == 201
         status, _, body = request(port, "PUT", "/files/first.bin", big, {"X-Client-Id": "a"})
         assert status == 507 and json.loads(body)["error"] == "insufficient_storage"
         assert request(port, "GET", "/download/first.bin")[2] == first       # the old one intact
-        leftovers = subprocess.run(["nsenter", "-t", str(process.pid), "-m", "ls", "-A",
+        leftovers = subprocess.run(["nsenter", "-t", str(pid), "-m", "ls", "-A",
                                     str(data / ".syncd" / "tmp")], capture_output=True, text=True)
         assert leftovers.returncode == 0 and leftovers.stdout == ""
         assert request(port, "DELETE", "/files/first.bin?client_id=a")[0] == 200
         assert request(port, "PUT", "/files/first.bin", big, {"X-Client-Id": "a"})[0] == 201
         assert request(port, "GET", "/download/first.bin")[2] == big
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
 
 
 def test_slow_headers_are_cut_off_while_others_are_served(daemon: Any) -> None:

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 
-from conftest import ROOT, Clients, Daemon, free_port, sha, tree, wait_until, write
+from conftest import ROOT, Clients, Daemon, sha, tmpfs_daemon, tree, wait_until, write
 from conftest import http_request as request
 
 
@@ -102,40 +101,34 @@ def test_kill_9_mid_folder_delete_loses_no_file(daemon: Any) -> None:
 
 
 def test_a_real_full_disk_prunes_the_oldest_versions_and_retries(tmp_path: Path) -> None:
-    """A 4 MiB tmpfs: the third 1.5 MB version only fits once the first is pruned."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare")
-    data = tmp_path / "small"
-    data.mkdir()
-    port = free_port()
-    script = (f"mount -t tmpfs -o size=4m syncdtest {data} || exit 97; "
-              f"exec {sys.executable} {ROOT / 'syncd.py'} --port {port} --sync-directory {data}")
-    log = open(tmp_path / "daemon.log", "wb")
-    process = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.skip(f"cannot mount a tmpfs here (exit {process.returncode})")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+    """A 5 MiB tmpfs (1 MiB of it the reserve): the third 1.5 MB version only fits once
+    the first is pruned."""
+    with tmpfs_daemon(tmp_path, "5m") as (port, _, log_path, _):
         contents = [os.urandom(1_500_000) for _ in range(3)]
-        for data_ in contents:
-            status, _, body = request(port, "PUT", "/files/a.bin", data_, {"X-Client-Id": "a"})
+        for data in contents:
+            status, _, body = request(port, "PUT", "/files/a.bin", data, {"X-Client-Id": "a"})
             assert status in (200, 201), body
         assert request(port, "GET", "/download/a.bin")[2] == contents[2]
-        kept = [v["checksum"] for v in json.loads(request(port, "GET", "/versions/a.bin")[2])["versions"]]
+        kept = [v["checksum"] for v in
+                json.loads(request(port, "GET", "/versions/a.bin")[2])["versions"]]
         assert kept == [sha(contents[1])]                     # the oldest went to make room
-        log.flush()
-        assert "oldest version(s) pruned" in (tmp_path / "daemon.log").read_text()
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
+        assert "oldest version(s) pruned" in log_path.read_text()
+
+
+def test_a_disk_full_to_the_last_byte_can_still_be_pruned(tmp_path: Path) -> None:
+    """With not one byte free the database cannot record a prune: the reserve is given
+    back first."""
+    with tmpfs_daemon(tmp_path, "5m") as (port, data, _, pid):
+        for content in (os.urandom(1_500_000), os.urandom(1_500_000)):
+            assert request(port, "PUT", "/files/a.bin", content, {"X-Client-Id": "a"})[0] in (200, 201)
+        filled = subprocess.run(["nsenter", "-t", str(pid), "-m", "sh", "-c",
+                                 f"dd if=/dev/zero of={data}/.syncd/filler bs=4096; df -B1 {data}"],
+                                capture_output=True, text=True)
+        assert " 100% " in filled.stdout, filled.stdout + filled.stderr
+        last = os.urandom(1_000_000)
+        status, _, body = request(port, "PUT", "/files/a.bin", last, {"X-Client-Id": "a"})
+        assert status == 200, body
+        assert request(port, "GET", "/download/a.bin")[2] == last
 
 
 def admin(server: Daemon, *args: str, key_file: Path | None = None,
