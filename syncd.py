@@ -181,6 +181,8 @@ class Config:
                                            "days (0: keep no versions)")
     versions_max_size: int | None = setting(None, "the most bytes kept versions may take; the "
                                             "oldest go first (unset: no cap)")
+    max_bulk_files: int = setting(1000, "files one POST /bulk may carry")
+    max_bulk_size: int = setting(256 * 1024 * 1024, "bytes of files one POST /bulk may carry")
 
 
 # Settings a SIGHUP cannot change: they need a restart.
@@ -382,6 +384,8 @@ SETTING_PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_connections": parse_positive_whole,
     "versions_max_age_days": parse_days,
     "versions_max_size": parse_size,
+    "max_bulk_files": parse_positive_whole,
+    "max_bulk_size": parse_size,
 }
 assert set(SETTING_PARSERS) == {f.name for f in fields(Config)}
 
@@ -4089,6 +4093,134 @@ def upload_of_fields(request: web.Request, tree: Tree, fields_seen: Mapping[str,
     return Upload(path, client_id, modified_time, checksum, pre)
 
 
+@dataclass
+class BulkFile:
+    """One file of a POST /bulk: what its meta asked, and its bytes or why it is refused."""
+
+    path: str                            # as the client wrote it, for its result
+    upload: Upload | None = None
+    staged: StagedFile | None = None
+    refusal: Exception | None = None     # a Refused, or a storage error
+
+
+async def handle_bulk(request: web.Request) -> web.Response:
+    """POST /bulk: many files in one multipart body (client_id, then meta + file pairs),
+    each checked and stored as by /upload, independently; all durable before the answer.
+    A malformed body, or one over max_bulk_files / max_bulk_size, stores nothing."""
+    tree = state_of(request).tree
+    config = tree.config
+    if request.content_length is not None and request.content_length > config.max_bulk_size + \
+            config.max_bulk_files * MAX_TEXT_FIELD + MAX_TEXT_FIELD:
+        raise TooLarge(f"a bulk upload carries at most {config.max_bulk_size} bytes")
+    try:
+        reader = await request.multipart()
+    except (AssertionError, ValueError, KeyError):
+        raise invalid_request("the body must be multipart/form-data") from None
+    files: list[BulkFile] = []
+    try:
+        client_id = await receive_bulk(request, reader, tree, files)
+        results = [await store_bulk_file(tree, client_id, item) for item in files]
+    finally:
+        for item in files:
+            if item.staged is not None:
+                tree.discard(item.staged)
+    return json_response({"results": results, "cursor": tree.store.cursor})
+
+
+async def receive_bulk(request: web.Request, reader: aiohttp.MultipartReader, tree: Tree,
+                       files: list[BulkFile]) -> str:
+    """Read a whole /bulk body into files (each file's bytes in a temp file); its client id."""
+    config = tree.config
+    idle = config.upload_idle_timeout
+    first = await next_part(reader, idle)
+    if first is None or first.name != "client_id":
+        raise invalid_request("a bulk upload starts with the field client_id")
+    client_id = note_client(request, validate_client_id(await read_text_field(first, idle)))
+    received = 0
+    while (part := await next_part(reader, idle)) is not None:
+        if part.name != "meta":
+            raise invalid_request(f"part {part.name!r} where a meta part was expected "
+                                  "(each file is a meta part, then its file part)")
+        if len(files) == config.max_bulk_files:
+            raise TooLarge(f"a bulk upload carries at most {config.max_bulk_files} files")
+        item = bulk_file(request, tree, client_id, await read_text_field(part, idle))
+        files.append(item)
+        part = await next_part(reader, idle)
+        if part is None or part.name != "file":
+            raise invalid_request(f"the meta of {item.path!r} is not followed by its file part")
+        chunks = CountedChunks(part_chunks(part))
+        if item.refusal is None:
+            try:
+                item.staged = await receive_body(tree, chunks, idle)
+            except TooLarge as exc:
+                item.refusal = exc
+        async for _ in idle_limited(chunks, idle):   # a refused file's bytes count too
+            pass
+        received += chunks.count
+        if received > config.max_bulk_size:
+            raise TooLarge(f"a bulk upload carries at most {config.max_bulk_size} bytes")
+    await check_epilogue(request, idle)
+    return client_id
+
+
+class CountedChunks:
+    """An async iterator of chunks that counts their bytes (and can be drained after a
+    consumer stopped early)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+        self.count = 0
+
+    def __aiter__(self) -> CountedChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.chunks.__anext__()
+        self.count += len(chunk)
+        return chunk
+
+
+def bulk_file(request: web.Request, tree: Tree, client_id: str, meta_text: str) -> BulkFile:
+    """The BulkFile a meta part describes; a meta that is not a JSON object is a malformed
+    body (400 for the whole request), a bad field refuses this file alone."""
+    meta = decode_json_object(meta_text.encode("utf-8"))
+    raw_path = meta.get("relative_path")
+    item = BulkFile(raw_path if isinstance(raw_path, str) else "")
+    try:
+        fields_seen = {key: value for key, value in meta.items()
+                       if key in ("relative_path", "checksum", "base_checksum", "modified_time")}
+        if not isinstance(raw_path, str):
+            raise invalid_request("relative_path is required")
+        if not all(isinstance(value, (str, int, float)) and not isinstance(value, bool)
+                   for value in fields_seen.values()):
+            raise invalid_request("meta fields are strings (modified_time may be a number)")
+        item.upload = upload_of_fields(request, tree, {
+            **{key: str(value) for key, value in fields_seen.items()}, "client_id": client_id})
+    except Refused as exc:
+        item.refusal = exc
+    return item
+
+
+async def store_bulk_file(tree: Tree, client_id: str, item: BulkFile) -> dict[str, Any]:
+    """Store one received file of a /bulk; its result."""
+    if item.refusal is None and item.upload is not None and item.staged is not None:
+        staged, item.staged = item.staged, None         # store_upload takes it over
+        try:
+            record, _ = await tree.store_upload(staged, item.upload)
+            return {"path": record.path, "status": 200, "success": True, **record.to_json()}
+        except Refused as exc:
+            item.refusal = exc
+        except Exception as exc:
+            if tree.failure(exc) is None:
+                raise
+            log.error("bulk upload of %s for %s: %s", item.path, client_id, exc)
+            item.refusal = tree.failure(exc)
+    assert isinstance(item.refusal, Refused)
+    error = refusal_error(item.refusal)
+    return {"path": item.path, "status": error.status, "error": error.code,
+            "message": error.message, **error.extra}
+
+
 async def handle_put_file(request: web.Request) -> web.Response:
     """PUT /files/{path}: store the raw body; 201 when it created the file."""
     tree = state_of(request).tree
@@ -4540,6 +4672,7 @@ def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
     app.router.add_get("/clients", handle_clients)
     app.router.add_post("/sync", handle_sync)
     app.router.add_post("/upload", handle_upload)
+    app.router.add_post("/bulk", handle_bulk)
     app.router.add_get("/files", handle_list_files)
     app.router.add_put("/files/{path:.*}", handle_put_file)
     app.router.add_get("/files/{path:.*}", handle_download)     # HEAD too
