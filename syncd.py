@@ -4986,6 +4986,8 @@ CREATE TABLE IF NOT EXISTS base (
 );
 """
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024   # a progress bar for transfers at least this large
+BULK_FILES = 100                       # small files per POST /bulk
+BULK_FILE_LIMIT = 256 * 1024           # files up to this size go through /bulk
 WATCH_DEBOUNCE_MS = 300
 RECONNECT_MAX_DELAY = 60.0
 EXIT_CLIENT_FAILED = 1
@@ -5248,6 +5250,7 @@ class SyncClient:
 
     def __init__(self, folder: Path, server: str, client_id: str, api_key: str | None,
                  state: ClientState, accept_deletions: bool = False) -> None:
+        self.bulk_works = True          # until a server answers that it has no POST /bulk
         self.folder = folder
         self.server = server.rstrip("/")
         self.client_id = client_id
@@ -5307,10 +5310,9 @@ class SyncClient:
         """Do what a plan (the contract's SyncResponse) says for the files listed in local;
         a listed file it leaves alone is in sync, and becomes its path's base."""
         planned: set[str] = set()
-        for path in self.planned(plan, "upload", report):
-            planned.add(path)
-            if path in local:
-                await self.push_file(path, local[path], report)
+        uploads = self.planned(plan, "upload", report)
+        planned.update(uploads)
+        await self.push_files([local[path] for path in uploads if path in local], report)
         for path, entry in self.planned(plan, "download", report):
             planned.add(path)
             modified_time = from_server(lambda: float(entry["modified_time"]), "/sync answer")
@@ -5379,26 +5381,80 @@ class SyncClient:
 
     # -- single operations ---------------------------------------------------------
 
+    async def push_files(self, files: Sequence[LocalFile], report: PassReport) -> None:
+        """Upload local files: small ones BULK_FILES at a time through POST /bulk (one
+        request, one round trip), the others one by one."""
+        small = [local for local in files if local.size <= BULK_FILE_LIMIT]
+        for start in range(0, len(small), BULK_FILES):
+            await self.push_bulk(small[start:start + BULK_FILES], report)
+        for local in files:
+            if local.size > BULK_FILE_LIMIT:
+                await self.push_file(local.path, local, report)
+
+    async def push_bulk(self, batch: Sequence[LocalFile], report: PassReport) -> None:
+        """Upload a batch of small files in one POST /bulk, each conditional on its base;
+        one by one when there is a single file or the server has no /bulk (an older one)."""
+        batch = [local for local in batch if self.unchanged_since_scan(local)]
+        if len(batch) < 2 or not self.bulk_works:
+            for local in batch:
+                await self.push_file(local.path, local, report)
+            return
+        contents = await asyncio.to_thread(
+            lambda: [(self.folder / local.path).read_bytes() for local in batch])
+        form = aiohttp.FormData()
+        form.add_field("client_id", self.client_id)
+        for local, content in zip(batch, contents, strict=True):
+            form.add_field("meta", json.dumps(self.upload_fields(local)),
+                           content_type="application/json")
+            form.add_field("file", content, filename=local.path.rsplit("/", 1)[-1])
+        status, body = await self.call("POST", "/bulk", data=form)
+        if status != 200:       # no /bulk here (404, 405), or smaller limits (413)
+            client_log.info("bulk-refused status=%d: uploading one by one", status)
+            self.bulk_works = status not in (404, 405)
+            for local in batch:
+                await self.push_file(local.path, local, report)
+            return
+        results = from_server(lambda: list(body["results"]), "/bulk answer")
+        if len(results) != len(batch):
+            raise ClientError(f"/bulk answered {len(results)} results for {len(batch)} files")
+        for local, result in zip(batch, results, strict=True):
+            await self.uploaded(local, from_server(lambda: int(result["status"]), "/bulk answer"),
+                                result, report)
+
+    def unchanged_since_scan(self, local: LocalFile) -> bool:
+        """Whether the file is still what the scan found (if not, the next pass takes it)."""
+        current = local_file(self.folder, local.path, local)
+        return current is not None and current.checksum == local.checksum
+
+    def upload_fields(self, local: LocalFile) -> dict[str, str]:
+        """The /upload (and /bulk meta) fields of a local file, conditional on its base."""
+        base = self.state.base(local.path)
+        return {"relative_path": local.path, "checksum": local.checksum,
+                "modified_time": repr(local.modified_time),
+                "base_checksum": base.checksum if base else ""}
+
     async def push_file(self, path: str, local: LocalFile, report: PassReport) -> None:
         """Upload a local file, conditional on its base; a 409 becomes a conflict copy."""
-        current = local_file(self.folder, path, local)
-        if current is None or current.checksum != local.checksum:
-            return                         # it changed since the scan: the next pass takes it
-        base = self.state.base(path)
+        if not self.unchanged_since_scan(local):
+            return
         with open(self.folder / path, "rb") as handle:
             form = aiohttp.FormData()
-            form.add_field("relative_path", path)
+            for name, value in self.upload_fields(local).items():
+                form.add_field(name, value)
             form.add_field("client_id", self.client_id)
-            form.add_field("checksum", local.checksum)
-            form.add_field("modified_time", repr(local.modified_time))
-            form.add_field("base_checksum", base.checksum if base else "")
             form.add_field("file", self.progress_reader(handle, local.size, f"up {path}"),
                            filename=path.rsplit("/", 1)[-1])
             status, body = await self.call("POST", "/upload", data=form)
+        await self.uploaded(local, status, body, report)
+
+    async def uploaded(self, local: LocalFile, status: int, body: Any, report: PassReport) -> None:
+        """Take the server's answer to one upload: a new base, a conflict copy, or a failure."""
+        path = local.path
         if status == 200:
             self.state.set_base(local)
             report.uploaded += 1
-            client_log.info("upload path=%s bytes=%d revision=%s", path, local.size, body["revision"])
+            client_log.info("upload path=%s bytes=%d revision=%s", path, local.size,
+                            from_server(lambda: body["revision"], "upload answer"))
         elif status == 409 and body and body.get("error") == "conflict" and body.get("server"):
             await self.resolve_conflict(path, report)
         else:

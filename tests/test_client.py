@@ -228,3 +228,15 @@ def test_progress_bar_only_on_a_terminal(clients: Clients) -> None:
     piped = clients.once("B")                        # not a terminal: plain lines only
     assert "down big.bin" not in piped and "%" not in piped
     assert "download path=big.bin" in piped
+
+
+def test_small_files_go_up_a_hundred_at_a_time(clients: Clients) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    for index in range(150):
+        write(a, f"notes/{index:03d}.txt", b"note %d" % index)
+    write(a, "big.bin", os.urandom(300 * 1024))             # over the /bulk size: alone
+    clients.once("A")
+    log = clients.server.log()
+    assert log.count("POST /bulk 200") == 2 and log.count("POST /upload 200") == 1
+    clients.once("B")
+    assert tree(b) == tree(a)

@@ -173,3 +173,25 @@ async def test_a_bug_stops_the_live_client_instead_of_retrying_for_ever(
 async def test_a_malformed_event_is_retried_not_fatal(tmp_path: Path) -> None:
     with pytest.raises(syncd.ClientError, match="malformed change"):
         syncd.RemoteChange.from_json({"type": "upsert", "path": "ok", "seq": "not a number"})
+
+
+async def test_against_a_server_without_bulk_the_client_uploads_one_by_one(
+        aiohttp_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app = syncd.make_app(make_config(tmp_path))
+
+    @web.middleware
+    async def no_bulk(request: web.Request, handler: Any) -> Any:
+        if request.path == "/bulk":
+            return web.json_response({"error": "not_found", "message": "no"}, status=404)
+        return await handler(request)
+    app.middlewares.append(no_bulk)
+    server = await aiohttp_server(app)
+    folder = tmp_path / "mine"
+    for index in range(3):
+        write(folder, f"{index}.txt", b"%d" % index)
+    args = argparse.Namespace(folder=str(folder), server=str(server.make_url("")),
+                              client_id="old", once=True, accept_deletions=False)
+    caplog.set_level("INFO", "syncd.client")
+    assert await asyncio.wait_for(syncd.run_client(args, None), timeout=30) == 0
+    assert (tmp_path / "data" / "2.txt").read_bytes() == b"2"
+    assert "bulk-refused status=404" in caplog.text
