@@ -1706,6 +1706,7 @@ class Swap:
 
     path: str
     backup: str | None     # name in tmp/ of the replaced file, if any
+    staged: str = ""           # the new file's name in tmp/ before the rename (an undo puts it back)
     blob: str | None = None    # the replaced content's checksum, once it is in the blob store
     new_blob: bool = False     # ...and this swap put it there (its undo takes it out)
 
@@ -1934,8 +1935,10 @@ class FileStore:
     def _tmp_fd(self) -> int:
         return os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    def swap_in(self, staged: StagedFile, path: str, keep: str | None = None) -> Swap:
-        """Rename a sealed temp file over path, keep the old one in tmp/, fsync the folder.
+    def swap_in(self, staged: StagedFile, path: str, keep: str | None = None,
+                sync: bool = True) -> Swap:
+        """Rename a sealed temp file over path, keep the old one in tmp/, fsync the folder
+        (unless sync is False: a group commit fsyncs each folder once, see sync_folders).
 
         keep: the old file's checksum, to keep it as a version: it is hard-linked into
         the blob store (durably) before the rename, so that a crash at any moment
@@ -1944,7 +1947,7 @@ class FileStore:
         *folders, name = path.split("/")
         parent = self._walk(folders, create=True)
         tmp_fd = self._tmp_fd()
-        swap = Swap(path, None)
+        swap = Swap(path, None, staged.name)
         try:
             try:
                 old = os.stat(name, dir_fd=parent, follow_symlinks=False)
@@ -1969,7 +1972,8 @@ class FileStore:
                     os.unlink(swap.backup, dir_fd=tmp_fd)
                 raise
             try:
-                os.fsync(parent)
+                if sync:
+                    os.fsync(parent)
             except BaseException:
                 self._undo_swap_in(swap, parent, tmp_fd)
                 raise
@@ -1977,6 +1981,15 @@ class FileStore:
             os.close(parent)
             os.close(tmp_fd)
         return swap
+
+    def sync_folders(self, paths: Iterable[str]) -> None:
+        """fsync the folder of each path once (the renames of a group commit)."""
+        for folder in sorted({path.rpartition("/")[0] for path in paths}):
+            fd = self._walk(folder.split("/") if folder else [], create=False)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     # -- the blob store: kept versions, one hard link per content ------------------
 
@@ -2108,12 +2121,12 @@ class FileStore:
             os.close(tmp_fd)
 
     def _undo_swap_in(self, swap: Swap, parent: int, tmp_fd: int) -> None:
+        """Put the old file back, and the new one back in tmp/ (a retry may use it)."""
         name = swap.path.rsplit("/", 1)[-1]
         self._drop_new_blob(swap.blob if swap.new_blob else None)
+        os.rename(name, swap.staged, src_dir_fd=parent, dst_dir_fd=tmp_fd)
         if swap.backup is not None:
             os.rename(swap.backup, name, src_dir_fd=tmp_fd, dst_dir_fd=parent)
-        else:
-            os.unlink(name, dir_fd=parent)
         os.fsync(parent)
 
     def finish_swap(self, swap: Swap) -> None:
@@ -2984,6 +2997,22 @@ def file_deleted_event(record: FileRecord) -> dict[str, Any]:
             "seq": record.revision, "client_id": record.client_id}
 
 
+@dataclass(eq=False)
+class PendingUpload:
+    """An upload whose bytes are fsynced, waiting for the group commit that will hold it."""
+
+    staged: StagedFile
+    upload: Upload
+    done: asyncio.Future[tuple[FileRecord, bool]]
+    swap: Swap | None = None
+    record: FileRecord | None = None
+    created: bool = False
+    error: BaseException | None = None
+
+
+GROUP_COMMIT_MAX = 256    # uploads one transaction may hold
+
+
 @dataclass
 class PointInTime:
     """What a point-in-time restore did."""
@@ -3062,6 +3091,8 @@ class Tree:
         self._write_lock = asyncio.Lock()
         self._writes = 0
         self._thinned_up_to = ""            # the retention's place among the paths
+        self._pending: list[PendingUpload] = []     # uploads waiting for a group commit
+        self._committing: asyncio.Future[None] | None = None
         self._pruner: asyncio.Future[None] | None = None
 
     def configure(self, config: Config) -> None:
@@ -3187,34 +3218,83 @@ class Tree:
             self.files.discard(staged)
 
     async def _put_in_place(self, staged: StagedFile, upload: Upload) -> tuple[FileRecord, bool]:
-        """store_upload's one try: fsync, then in one transaction the checks, the old content
-        kept as a version, the rename and the journal; the announcement after the commit."""
-        path, client_id, files = upload.path, upload.client_id, self.files
-        await asyncio.to_thread(files.seal, staged, upload.modified_time)
-        async with self._writing() as tx:
-            current = await tx.get(path)
-            check_precondition(upload.pre, current)
-            live = current if current is not None and not current.deleted else None
-            if live is not None and live.checksum == staged.checksum:
-                return live, False   # the same bytes again: nothing changes, nothing to announce
-            await tx.check_writable(path, self.config.allow_case_clash)
-            keep = live.checksum if live is not None and self.keeps_versions else None
-            try:
-                swap = await asyncio.to_thread(files.swap_in, staged, path, keep)
-            except FolderBlocked as exc:
-                raise PathBlocked(path, f"{exc} is in the way") from None
-            tx.undo.append(lambda: files.undo_swap(swap))
-            record = await tx.record_upsert(path, staged.checksum, staged.size,
-                                            upload.modified_time, client_id, staged.mtime_ns)
-            if live is not None and swap.blob is not None:
-                await tx.record_version(live, record, "overwrite")
-            tx.after_commit.append(lambda: self.hub.publish(file_changed_event(record), client_id))
-        self.rehashing.discard(path)     # what a client wrote is what is on disk now
-        files.finish_swap(swap)
-        self.metrics.uploads.inc()
-        log.info("stored %s (%d bytes, revision %d) from %s",
-                 path, record.size, record.revision, client_id)
-        return record, live is None
+        """store_upload's one try: fsync the bytes, then wait for the group commit that
+        holds this upload (uploads that arrive while one commits share the next)."""
+        await asyncio.to_thread(self.files.seal, staged, upload.modified_time)
+        item = PendingUpload(staged, upload, asyncio.get_running_loop().create_future())
+        self._pending.append(item)
+        if self._committing is None or self._committing.done():
+            self._committing = self.background.spawn(self._commit_pending())
+        return await item.done
+
+    async def _commit_pending(self) -> None:
+        """Group commit: the pending uploads, GROUP_COMMIT_MAX at a time, until none wait."""
+        while self._pending:
+            group = self._pending[:GROUP_COMMIT_MAX]
+            del self._pending[:len(group)]
+            await self._commit_group(group)
+
+    async def _commit_group(self, group: Sequence[PendingUpload]) -> None:
+        """One transaction for a group of uploads: for each the checks, the old content kept
+        as a version, the rename and the journal; then one fsync per folder, one COMMIT,
+        and each upload's announcement and answer. One refused upload does not stop the
+        others; a failure of the folder fsync or of the database fails them all (undone)."""
+        try:
+            async with self._writing() as tx:
+                for item in group:
+                    try:
+                        await self._apply_upload(tx, item)
+                    except Refused as exc:
+                        item.error = exc           # nothing of it was changed
+                await asyncio.to_thread(self.files.sync_folders,
+                                        [item.upload.path for item in group if item.swap])
+        except Exception as exc:       # undone: every upload of the group failed with it
+            for item in group:
+                if item.error is None:
+                    item.error, item.swap = exc, None
+        for item in group:
+            if item.error is not None:
+                item.done.set_exception(item.error)
+                continue
+            assert item.record is not None
+            if item.swap is not None:
+                self.rehashing.discard(item.upload.path)   # what a client wrote is on disk now
+                self.files.finish_swap(item.swap)
+                self.metrics.uploads.inc()
+                log.info("stored %s (%d bytes, revision %d) from %s", item.upload.path,
+                         item.record.size, item.record.revision, item.upload.client_id)
+            item.done.set_result((item.record, item.created))
+
+    async def _apply_upload(self, tx: Transaction, item: PendingUpload) -> None:
+        """In a group's transaction: one upload's checks, its version, rename and journal row."""
+        upload, staged, files = item.upload, item.staged, self.files
+        path, client_id = upload.path, upload.client_id
+        current = await tx.get(path)
+        check_precondition(upload.pre, current)
+        live = current if current is not None and not current.deleted else None
+        if live is not None and live.checksum == staged.checksum:
+            item.record = live       # the same bytes again: nothing changes, nothing to announce
+            return
+        await tx.check_writable(path, self.config.allow_case_clash)
+        keep = live.checksum if live is not None and self.keeps_versions else None
+        try:
+            swap = await asyncio.to_thread(files.swap_in, staged, path, keep, False)
+        except FolderBlocked as exc:
+            raise PathBlocked(path, f"{exc} is in the way") from None
+        except OSError as exc:       # this file alone (swap_in undid itself): not the group
+            refusal = self.failure(exc)
+            if refusal is None:
+                raise
+            log.error("storing %s for %s: %s (%s)", path, client_id, refusal.message, exc)
+            raise refusal from exc
+        item.swap = swap
+        tx.undo.append(lambda: files.undo_swap(swap))
+        record = await tx.record_upsert(path, staged.checksum, staged.size,
+                                        upload.modified_time, client_id, staged.mtime_ns)
+        if live is not None and swap.blob is not None:
+            await tx.record_version(live, record, "overwrite")
+        tx.after_commit.append(lambda: self.hub.publish(file_changed_event(record), client_id))
+        item.record, item.created = record, live is None
 
     async def _retry_when_full(self, attempt: Callable[[], Awaitable[T]], needed: int) -> T:
         """attempt(); if the disk or the database is full, prune the oldest versions to free

@@ -212,6 +212,11 @@ class Daemon:
                 time.sleep(0.05)
         raise AssertionError(f"daemon not ready: {self.log()}")
 
+    def recovered(self) -> None:
+        """Wait for start-up recovery's summary (its background rehash is done: until then a
+        file it rehashes is 503)."""
+        wait_until(lambda: "temp file(s) removed" in self.log(), "start-up recovery")
+
     def log(self) -> str:
         """Everything the daemon printed so far."""
         self.log_file.flush()

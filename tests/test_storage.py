@@ -176,7 +176,14 @@ async def test_write_order_is_fsync_new_folders_rename_fsync_folder_then_commit(
         real_rename(*args, **kwargs)
 
     async def upsert(self: Any, *args: Any) -> Any:
-        events.append("commit")
+        real_execute = self.db.execute
+
+        async def execute(sql: str, *rest: Any) -> Any:   # the COMMIT statement itself
+            if sql == "COMMIT":
+                events.append("commit")
+                self.db.execute = real_execute
+            return await real_execute(sql, *rest)
+        self.db.execute = execute
         return await real_upsert(self, *args)
     monkeypatch.setattr(syncd.os, "fsync", fsync)
     monkeypatch.setattr(syncd.os, "rename", rename)

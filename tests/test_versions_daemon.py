@@ -16,18 +16,13 @@ from pathlib import Path
 from typing import Any
 
 
-from conftest import ROOT, Clients, Daemon, sha, tmpfs_daemon, tree, wait_until, write
+from conftest import ROOT, Clients, Daemon, sha, tmpfs_daemon, tree, write
 from conftest import http_request as request
 
 
 def kept_checksums(server: Daemon, path: str) -> list[str]:
     status, _, body = request(server.port, "GET", f"/versions/{path}")
     return [v["checksum"] for v in json.loads(body)["versions"]] if status == 200 else []
-
-
-def recovered(server: Daemon) -> None:
-    """Wait for the background half of start-up recovery (it removes orphan blobs)."""
-    wait_until(lambda: "recovery: " in server.log(), "the recovery summary")
 
 
 def blob_store_agrees(server: Daemon) -> None:
@@ -58,7 +53,7 @@ def test_kill_9_mid_overwrite_leaves_old_without_version_or_new_with_version(dae
             server.process.kill()
             server.process.wait(timeout=10)
         server = daemon()
-        recovered(server)
+        server.recovered()
         status, headers, body = request(server.port, "GET", "/download/big.bin")
         assert status == 200 and body in (current, new) and headers["ETag"] == f'"{sha(body)}"'
         kept = kept_checksums(server, "big.bin")
@@ -87,7 +82,7 @@ def test_kill_9_mid_folder_delete_loses_no_file(daemon: Any) -> None:
             server.process.kill()
             server.process.wait(timeout=10)
         server = daemon("--accept-deletions")
-        recovered(server)
+        server.recovered()
         live = {f["path"]: f["checksum"] for f in json.loads(
             request(server.port, "GET", f"/files?prefix=r{round_}/")[2])["files"]}
         trash = {f["path"]: f["checksum"] for f in json.loads(
