@@ -2999,11 +2999,12 @@ def file_deleted_event(record: FileRecord) -> dict[str, Any]:
 
 @dataclass(eq=False)
 class PendingUpload:
-    """An upload whose bytes are fsynced, waiting for the group commit that will hold it."""
+    """An upload waiting for the group commit that will hold it."""
 
     staged: StagedFile
     upload: Upload
     done: asyncio.Future[tuple[FileRecord, bool]]
+    sealed: asyncio.Future[None]        # the fsync of its bytes, under way
     swap: Swap | None = None
     record: FileRecord | None = None
     created: bool = False
@@ -3218,10 +3219,13 @@ class Tree:
             self.files.discard(staged)
 
     async def _put_in_place(self, staged: StagedFile, upload: Upload) -> tuple[FileRecord, bool]:
-        """store_upload's one try: fsync the bytes, then wait for the group commit that
-        holds this upload (uploads that arrive while one commits share the next)."""
-        await asyncio.to_thread(self.files.seal, staged, upload.modified_time)
-        item = PendingUpload(staged, upload, asyncio.get_running_loop().create_future())
+        """store_upload's one try: wait for the group commit that holds this upload (uploads
+        that arrive while one commits share the next). Its bytes are fsynced meanwhile;
+        nothing is awaited before it joins the queue, so uploads are journalled in the
+        order they were handed over (a /bulk's files in request order)."""
+        item = PendingUpload(staged, upload, asyncio.get_running_loop().create_future(),
+                             self.background.spawn(asyncio.to_thread(
+                                 self.files.seal, staged, upload.modified_time)))
         self._pending.append(item)
         if self._committing is None or self._committing.done():
             self._committing = self.background.spawn(self._commit_pending())
@@ -3239,9 +3243,15 @@ class Tree:
         as a version, the rename and the journal; then one fsync per folder, one COMMIT,
         and each upload's announcement and answer. One refused upload does not stop the
         others; a failure of the folder fsync or of the database fails them all (undone)."""
+        for item, sealed in zip(group, await asyncio.gather(
+                *(item.sealed for item in group), return_exceptions=True), strict=True):
+            if isinstance(sealed, BaseException):
+                item.error = sealed
         try:
             async with self._writing() as tx:
                 for item in group:
+                    if item.error is not None:
+                        continue
                     try:
                         await self._apply_upload(tx, item)
                     except Refused as exc:
@@ -4199,7 +4209,9 @@ async def handle_bulk(request: web.Request) -> web.Response:
     files: list[BulkFile] = []
     try:
         client_id = await receive_bulk(request, reader, tree, files)
-        results = [await store_bulk_file(tree, client_id, item) for item in files]
+        # all at once: they join one group commit, in request order
+        results = await asyncio.gather(*(store_bulk_file(tree, client_id, item)
+                                         for item in files))
     finally:
         for item in files:
             if item.staged is not None:
