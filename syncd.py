@@ -3236,7 +3236,13 @@ class Tree:
         while self._pending:
             group = self._pending[:GROUP_COMMIT_MAX]
             del self._pending[:len(group)]
-            await self._commit_group(group)
+            try:
+                await self._commit_group(group)
+            except BaseException as exc:     # a bug, or a cancel: no upload may wait for ever
+                for item in group:
+                    if not item.done.done():
+                        item.done.set_exception(exc)
+                raise
 
     async def _commit_group(self, group: Sequence[PendingUpload]) -> None:
         """One transaction for a group of uploads: for each the checks, the old content kept

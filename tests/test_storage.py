@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import sqlite3
@@ -193,3 +194,16 @@ async def test_write_order_is_fsync_new_folders_rename_fsync_folder_then_commit(
     # durable before the file is), the file's own folder after the rename
     assert events == ["fsync file", "fsync folder", "fsync folder", "rename", "fsync folder",
                       "commit"]
+
+
+async def test_a_bug_after_a_group_commit_answers_500_and_the_next_upload_works(
+        client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    await put(client, "a.txt", b"old")
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a bug after the commit")
+    monkeypatch.setattr(syncd.FileStore, "finish_swap", broken)
+    response = await asyncio.wait_for(put(client, "a.txt", b"new"), 20)   # not left waiting
+    assert (await error_of(response, 500))["error"] == "internal"
+    monkeypatch.undo()
+    assert (await put(client, "b.txt", b"next")).status == 201
