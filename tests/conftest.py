@@ -232,6 +232,17 @@ class Daemon:
             self.log_file.close()
 
 
+def kill_mid_put(server: Daemon, path: str, data: bytes, cut: int, delay: float) -> None:
+    """A raw PUT of path that sends cut bytes of data, then, delay seconds later, kill -9."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"PUT /files/%s HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Client-Id: a\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (path.encode(), len(data)))
+        sock.sendall(data[:cut])
+        time.sleep(delay)
+        server.process.kill()
+        server.process.wait(timeout=10)
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start real daemons; each is stopped (SIGTERM, then SIGKILL) at the end."""

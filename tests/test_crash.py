@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from conftest import Daemon, sha, tmpfs_daemon, wait_until
+from conftest import Daemon, kill_mid_put, sha, tmpfs_daemon, wait_until
 from conftest import http_request as request
 
 
@@ -39,15 +39,9 @@ def test_kill_9_mid_upload_never_tears_a_file(daemon: Any) -> None:
     outcomes = []
     for round_ in range(10):
         new = os.urandom(size)
-        with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(b"PUT /files/big.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Client-Id: a\r\n"
-                         b"Content-Length: %d\r\n\r\n" % size)
-            # half the rounds die mid-body, half after the last byte (fsync, rename, commit)
-            cut = rng.randrange(size) if round_ % 2 == 0 else size
-            sock.sendall(new[:cut])
-            time.sleep(rng.uniform(0, 0.05))
-            server.process.kill()
-            server.process.wait(timeout=10)
+        # half the rounds die mid-body, half after the last byte (fsync, rename, commit)
+        kill_mid_put(server, "big.bin", new, rng.randrange(size) if round_ % 2 == 0 else size,
+                     rng.uniform(0, 0.05))
         server = daemon()
         body = check_consistent(server, "big.bin", [current, new])
         outcomes.append("new" if body == new else "old")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-from conftest import ROOT, Clients, Daemon, sha, tmpfs_daemon, tree, write
+from conftest import ROOT, Clients, Daemon, kill_mid_put, sha, tmpfs_daemon, tree, write
 from conftest import http_request as request
 
 
@@ -44,14 +44,8 @@ def test_kill_9_mid_overwrite_leaves_old_without_version_or_new_with_version(dae
     outcomes = []
     for round_ in range(10):
         new = os.urandom(size)
-        with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(b"PUT /files/big.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Client-Id: a\r\n"
-                         b"Content-Length: %d\r\n\r\n" % size)
-            cut = rng.randrange(size) if round_ % 2 == 0 else size
-            sock.sendall(new[:cut])
-            time.sleep(rng.uniform(0, 0.05))
-            server.process.kill()
-            server.process.wait(timeout=10)
+        kill_mid_put(server, "big.bin", new, rng.randrange(size) if round_ % 2 == 0 else size,
+                     rng.uniform(0, 0.05))
         server = daemon()
         server.recovered()
         status, headers, body = request(server.port, "GET", "/download/big.bin")
