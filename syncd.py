@@ -1009,10 +1009,6 @@ class Transaction(abc.ABC):
         deleted ("delete") by change: a version row, and one more reference to the blob."""
 
     @abc.abstractmethod
-    async def get_version(self, path: str, revision: int) -> Version | None:
-        """One kept version, as this transaction sees it."""
-
-    @abc.abstractmethod
     async def drop_versions(self, versions: Iterable[tuple[str, int]]) -> list[str]:
         """Forget these (path, revision) versions; the checksums of the blobs that no version
         refers to any more (the caller removes them after the commit)."""
@@ -1374,13 +1370,6 @@ class SQLiteTransaction(Transaction):
                 self.blob_bytes += old.size
         return version
 
-    async def get_version(self, path: str, revision: int) -> Version | None:
-        """One kept version, as this transaction sees it."""
-        rows = await self.db.execute_fetchall(
-            f"SELECT {VERSION_COLUMNS} FROM versions WHERE path = ? AND revision = ?",
-            (path, revision))
-        return Version(*rows[0]) if rows else None
-
     async def drop_versions(self, versions: Iterable[tuple[str, int]]) -> list[str]:
         """Forget versions; the checksums of the blobs no version refers to any more."""
         gone = []
@@ -1723,9 +1712,9 @@ class Removal:
 
 def file_failure(exc: BaseException) -> Refused | None:
     """StorageFull or StorageFailing for an error of the disk, by its errno; None for others."""
+    if is_full(exc):
+        return StorageFull()
     if isinstance(exc, OSError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return StorageFull()
         if exc.errno in (errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT):
             return StorageFailing()
     return None
