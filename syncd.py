@@ -960,6 +960,213 @@ def folder_range(prefix: str) -> tuple[str, str]:
     return prefix + "/", prefix + "0"   # "0" is the character after "/"
 
 
+# -- the live index ----------------------------------------------------------------
+
+def folders_of(path: str) -> Iterator[str]:
+    """The folders on the way to path, outermost first: a/b/c -> a, a/b."""
+    end = path.find("/")
+    while end != -1:
+        yield path[:end]
+        end = path.find("/", end + 1)
+
+
+class Spellings:
+    """Names by case-folded key. Nearly every key has one spelling, kept as a plain str
+    (a set per key would cost a hundred bytes a file); case twins share a set."""
+
+    __slots__ = ("_by_fold",)
+
+    def __init__(self) -> None:
+        self._by_fold: dict[str, str | set[str]] = {}
+
+    def add(self, fold: str, name: str) -> None:
+        present = self._by_fold.get(fold)
+        if present is None:
+            self._by_fold[fold] = name
+        elif isinstance(present, set):
+            present.add(name)
+        elif present != name:
+            self._by_fold[fold] = {present, name}
+
+    def discard(self, fold: str, name: str) -> None:
+        present = self._by_fold.get(fold)
+        if present == name:
+            del self._by_fold[fold]
+        elif isinstance(present, set):
+            present.discard(name)
+            if len(present) == 1:
+                self._by_fold[fold] = present.pop()
+
+    def get(self, fold: str) -> tuple[str, ...]:
+        present = self._by_fold.get(fold)
+        if present is None:
+            return ()
+        return (present,) if isinstance(present, str) else tuple(sorted(present))
+
+
+def folded_key(path: str) -> str:
+    """fold_path(path), as path itself when folding changes nothing (one string, not two)."""
+    folded = fold_path(path)
+    return path if folded == path else folded
+
+
+class LiveIndex:
+    """Every file record, live and tombstone, in memory; and for the live files their
+    case-folded names and how many live files each folder holds. Downloads, /files,
+    /sync and the write checks read it instead of the database. The store changes it
+    only after a commit, in one step with the cursor: it always shows committed state.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[str, FileRecord] = {}
+        self._files = Spellings()               # live files by folded path
+        self._folders: dict[str, int] = {}      # live files below each folder
+        self._folder_spellings = Spellings()    # folders holding live files, by folded path
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get(self, path: str) -> FileRecord | None:
+        """The path's record (live or tombstone)."""
+        return self.records.get(path)
+
+    def put(self, record: FileRecord) -> None:
+        """Make record the path's record."""
+        before = self.records.get(record.path)
+        self.records[record.path] = record
+        was_live = before is not None and not before.deleted
+        if was_live == record.deleted:          # it became live, or stopped being live
+            self._count(record.path, -1 if was_live else 1)
+
+    def forget(self, path: str) -> None:
+        """Drop the path's record."""
+        before = self.records.pop(path, None)
+        if before is not None and not before.deleted:
+            self._count(path, -1)
+
+    def _count(self, path: str, sign: int) -> None:
+        """Add (sign 1) or remove (-1) a live file's name and its folders' counts."""
+        folded = folded_key(path)
+        if sign > 0:
+            self._files.add(folded, path)
+        else:
+            self._files.discard(folded, path)
+        for folder, folded_folder in zip(folders_of(path), folders_of(folded), strict=True):
+            count = self._folders.get(folder, 0) + sign
+            if count:
+                self._folders[folder] = count
+            else:
+                del self._folders[folder]
+            if count == 1 and sign > 0:
+                self._folder_spellings.add(folded_folder, folder)
+            elif count == 0:
+                self._folder_spellings.discard(folded_folder, folder)
+
+    # The questions check_writable asks; PendingIndex answers them too.
+    def file_spellings(self, fold: str) -> tuple[str, ...]:
+        """The live files whose folded path is fold."""
+        return self._files.get(fold)
+
+    def files_in(self, folder: str) -> int:
+        """How many live files are below folder/."""
+        return self._folders.get(folder, 0)
+
+    def folder_spellings(self, fold: str) -> tuple[str, ...]:
+        """The folders holding live files whose folded path is fold."""
+        return self._folder_spellings.get(fold)
+
+    def live_under(self, prefix: str, folder: bool) -> list[FileRecord]:
+        """The live files below prefix/ (folder) or whose path starts with prefix, sorted."""
+        start = prefix + "/" if folder else prefix
+        return sorted((record for record in self.records.values()
+                       if not record.deleted and record.path.startswith(start)),
+                      key=lambda record: record.path)
+
+
+class PendingIndex:
+    """The index as an open transaction sees it: the committed index and, over it, the
+    transaction's own changes (changed), which the store puts in the index once committed.
+
+    added and removed hold the files this transaction made live or not live, so that
+    the folder counts and case-folded names need no copy of the index.
+    """
+
+    def __init__(self, base: LiveIndex) -> None:
+        self.base = base
+        self.changed: dict[str, FileRecord] = {}
+        self._added = LiveIndex()
+        self._removed = LiveIndex()
+
+    def get(self, path: str) -> FileRecord | None:
+        """The path's record as this transaction sees it."""
+        return self.changed[path] if path in self.changed else self.base.get(path)
+
+    def put(self, record: FileRecord) -> None:
+        """Note a change of one path's record."""
+        path = record.path
+        self.changed[path] = record
+        committed = self.base.get(path)
+        if committed is not None and not committed.deleted:    # live before: removed or not
+            if record.deleted:
+                self._removed.put(committed)
+            else:
+                self._removed.forget(path)
+        elif record.deleted:
+            self._added.forget(path)
+        else:
+            self._added.put(record)
+
+    def file_spellings(self, fold: str) -> tuple[str, ...]:
+        gone = set(self._removed.file_spellings(fold))
+        return tuple(sorted({name for name in self.base.file_spellings(fold) if name not in gone}
+                            | set(self._added.file_spellings(fold))))
+
+    def files_in(self, folder: str) -> int:
+        return (self.base.files_in(folder) + self._added.files_in(folder)
+                - self._removed.files_in(folder))
+
+    def folder_spellings(self, fold: str) -> tuple[str, ...]:
+        names = set(self.base.folder_spellings(fold)) | set(self._added.folder_spellings(fold))
+        return tuple(sorted(name for name in names if self.files_in(name)))
+
+    def live_under(self, folder: str) -> list[FileRecord]:
+        """The live files below folder/, sorted, as this transaction sees them."""
+        start = folder + "/"
+        records = {record.path: record for record in self.base.live_under(folder, True)}
+        for path, record in self.changed.items():
+            if path.startswith(start):
+                if record.deleted:
+                    records.pop(path, None)
+                else:
+                    records[path] = record
+        return [records[path] for path in sorted(records)]
+
+
+def check_writable(index: LiveIndex | PendingIndex, path: str, allow_case_clash: bool) -> None:
+    """PathBlocked or CaseConflict when path cannot be written next to the live files.
+
+    A live file where one of its folders must go, or a live folder where it must
+    go, makes a 409 conflict; a file or folder that differs from one of its own
+    only by letter case makes a 409 case_conflict.
+    """
+    names, folds = path.split("/"), fold_path(path).split("/")   # casefold keeps every "/"
+    for depth in range(1, len(names) + 1):
+        own, fold = "/".join(names[:depth]), "/".join(folds[:depth])
+        if depth < len(names):      # a folder on the way
+            record = index.get(own)
+            if record is not None and not record.deleted:
+                raise PathBlocked(path, f"{own} is a file, not a folder")
+            clashes = [*index.file_spellings(fold),
+                       *(name for name in index.folder_spellings(fold) if name != own)]
+        else:                       # the file itself
+            if index.files_in(own):
+                raise PathBlocked(path, f"{own} is a folder on the server")
+            clashes = [*(name for name in index.file_spellings(fold) if name != own),
+                       *index.folder_spellings(fold)]
+        if clashes and not allow_case_clash:
+            raise CaseConflict(own, clashes[0])
+
+
 class Transaction(abc.ABC):
     """One atomic change of the metadata, as the tree sees it.
 
@@ -968,7 +1175,8 @@ class Transaction(abc.ABC):
     durable, still in commit order (announcements leave in seq order).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, index: LiveIndex) -> None:
+        self.pending = PendingIndex(index)   # the records as this transaction sees them
         self.undo: list[Callable[[], None]] = []
         self.after_commit: list[Callable[[], None]] = []
         self.last_seq = 0
@@ -978,17 +1186,17 @@ class Transaction(abc.ABC):
         self.blob_bytes = 0
         self.gone_blobs: list[str] = []   # blobs no version refers to any more, once committed
 
-    @abc.abstractmethod
-    async def get(self, path: str) -> FileRecord | None:
+    def get(self, path: str) -> FileRecord | None:
         """The path's record (live or tombstone), as this transaction sees it."""
+        return self.pending.get(path)
 
-    @abc.abstractmethod
-    async def live_under(self, folder: str) -> list[FileRecord]:
+    def live_under(self, folder: str) -> list[FileRecord]:
         """Every live file below folder/, sorted by path."""
+        return self.pending.live_under(folder)
 
-    @abc.abstractmethod
-    async def check_writable(self, path: str, allow_case_clash: bool) -> None:
+    def check_writable(self, path: str, allow_case_clash: bool) -> None:
         """PathBlocked or CaseConflict when path cannot be written next to the live files."""
+        check_writable(self.pending, path, allow_case_clash)
 
     @abc.abstractmethod
     async def record_upsert(self, path: str, checksum: str, size: int, modified_time: float,
@@ -1021,8 +1229,9 @@ class Transaction(abc.ABC):
     async def versions_with(self, checksums: Iterable[str]) -> list[tuple[str, int]]:
         """The (path, revision) of every version of these contents."""
 
-    def _count(self, before: FileRecord | None, after: FileRecord | None) -> None:
-        """Note how a change of one path moves the live totals."""
+    def _changed(self, before: FileRecord | None, after: FileRecord) -> None:
+        """Note a change of one path's record: the pending index and the live totals."""
+        self.pending.put(after)
         for record, sign in ((before, -1), (after, 1)):
             if record is not None and not record.deleted:
                 self.live_files += sign
@@ -1047,6 +1256,7 @@ class MetadataStore(abc.ABC):
         self.live_bytes = 0
         self.version_count = 0     # version rows
         self.blob_bytes = 0        # bytes of the blobs they refer to (each content once)
+        self.index = LiveIndex()   # every file record, as committed
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -1060,17 +1270,40 @@ class MetadataStore(abc.ABC):
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
         """One write transaction at a time; rolled back, with its undo hooks run, on any failure."""
 
-    @abc.abstractmethod
-    async def get(self, path: str) -> FileRecord | None:
+    def _committed(self, tx: Transaction) -> None:
+        """Bring the cursor, the totals and the index up to a transaction just committed
+        (in one step, with no await: a reader sees all of it or none)."""
+        if tx.last_seq:
+            self.cursor = tx.last_seq
+        self.live_files += tx.live_files
+        self.live_bytes += tx.live_bytes
+        self.version_count += tx.versions
+        self.blob_bytes += tx.blob_bytes
+        for record in tx.pending.changed.values():
+            self.index.put(record)
+
+    def _load(self, records: Iterable[Sequence[Any]]) -> None:
+        """Fill the index from rows of FILE_COLUMNS, at open."""
+        index, clients = LiveIndex(), {}
+        for row in records:
+            client_id = clients.setdefault(row[7], row[7])   # a few ids, shared by many rows
+            index.put(FileRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6],
+                                 client_id, row[8]))
+        self.index = index
+        live = [record for record in index.records.values() if not record.deleted]
+        self.live_files, self.live_bytes = len(live), sum(record.size for record in live)
+
+    def get(self, path: str) -> FileRecord | None:
         """The path's committed record (live or tombstone)."""
+        return self.index.get(path)
 
-    @abc.abstractmethod
-    async def snapshot(self) -> tuple[dict[str, FileRecord], int]:
+    def snapshot(self) -> tuple[dict[str, FileRecord], int]:
         """Every record (live and tombstones) and the cursor, as of one moment."""
+        return dict(self.index.records), self.cursor
 
-    @abc.abstractmethod
-    async def list_live(self, prefix: str) -> tuple[list[FileRecord], int]:
+    def list_live(self, prefix: str) -> tuple[list[FileRecord], int]:
         """Live files whose path starts with prefix, sorted, and the cursor."""
+        return self.index.live_under(prefix, folder=False), self.cursor
 
     @abc.abstractmethod
     async def changes_since(self, since: int, limit: int) -> tuple[list[Change], int, bool]:
@@ -1149,7 +1382,6 @@ CREATE TABLE IF NOT EXISTS files (
     client_id     TEXT NOT NULL,
     mtime_ns      INTEGER NOT NULL DEFAULT -1
 );
-CREATE INDEX IF NOT EXISTS files_live_fold ON files (fold) WHERE deleted = 0;
 CREATE TABLE IF NOT EXISTS changes (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
     type          TEXT NOT NULL CHECK (type IN ('upsert', 'delete')),
@@ -1233,87 +1465,14 @@ def sqlite_failure(exc: BaseException) -> Refused | None:
 class SQLiteTransaction(Transaction):
     """BEGIN IMMEDIATE ... COMMIT on the writer connection."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        super().__init__()
+    def __init__(self, db: aiosqlite.Connection, index: LiveIndex) -> None:
+        super().__init__(index)
         self.db = db
-        self._seen: dict[str, FileRecord | None] = {}
-
-    async def get(self, path: str) -> FileRecord | None:
-        """The path's record (live or tombstone), as this transaction sees it."""
-        rows = await self.db.execute_fetchall(
-            f"SELECT {FILE_COLUMNS} FROM files WHERE path = ?", (path,))
-        record = self._seen[path] = file_record(rows[0]) if rows else None
-        return record
-
-    def _count(self, before: FileRecord | None, after: FileRecord | None) -> None:
-        super()._count(before, after)
-        self._seen[(after or before).path] = after      # type: ignore[union-attr]
-
-    async def live_under(self, folder: str) -> list[FileRecord]:
-        """Every live file below folder/."""
-        lower, upper = folder_range(folder)
-        rows = await self.db.execute_fetchall(
-            f"SELECT {FILE_COLUMNS} FROM files WHERE deleted = 0 AND path >= ? AND path < ?"
-            " ORDER BY path", (lower, upper))
-        return [file_record(row) for row in rows]
-
-    async def check_writable(self, path: str, allow_case_clash: bool) -> None:
-        """PathBlocked or CaseConflict when path cannot be written next to the live files.
-
-        A live file where one of its folders must go, or a live folder where it
-        must go, makes a 409 conflict; a file or folder that differs from one
-        of its own only by letter case makes a 409 case_conflict.  Every check
-        of every segment is one scalar subquery of a single statement.
-        """
-        segments = path.split("/")
-        queries: list[tuple[str, str, list[Any]]] = []
-        for depth in range(1, len(segments) + 1):
-            own = "/".join(segments[:depth])
-            folded = fold_path(own)
-            lower, upper = folder_range(folded)
-            own_lower, own_upper = folder_range(own)
-            if depth < len(segments):   # a folder on the way: no file may have its name
-                queries.append((f"other{depth}", "fold = ?", [folded]))
-                if not allow_case_clash:
-                    queries.append((f"twin{depth}", "fold >= ? AND fold < ? AND NOT"
-                                    " (path >= ? AND path < ?)",
-                                    [lower, upper, own_lower, own_upper]))
-            else:                       # the file itself: no folder may have its name
-                queries.append((f"other{depth}", "fold >= ? AND fold < ?", [lower, upper]))
-                if not allow_case_clash:
-                    queries.append((f"twin{depth}", "fold = ? AND path != ?", [folded, own]))
-        found = await self._first_live_each(queries)
-        for depth in range(1, len(segments) + 1):
-            own = "/".join(segments[:depth])
-            other, twin = found.get(f"other{depth}"), found.get(f"twin{depth}")
-            if depth < len(segments) and other == own:
-                raise PathBlocked(path, f"{own} is a file, not a folder")
-            if depth == len(segments) and other and other.startswith(own + "/"):
-                raise PathBlocked(path, f"{own} is a folder on the server")
-            if allow_case_clash:
-                continue
-            clash = other or twin
-            if clash:
-                raise CaseConflict(own, "/".join(clash.split("/")[:depth]))
-
-    async def _first_live_each(self, queries: Sequence[tuple[str, str, list[Any]]]) -> dict[str, str]:
-        """For each (key, condition, params): the first live path that meets it, if any."""
-        found: dict[str, str] = {}
-        for start in range(0, len(queries), 100):      # SQLite allows 500 terms a compound
-            batch = queries[start:start + 100]
-            sql = " UNION ALL ".join(
-                f"SELECT ?, (SELECT path FROM files WHERE deleted = 0 AND {condition} LIMIT 1)"
-                for _, condition, _ in batch)
-            params = [value for key, _, values in batch for value in (key, *values)]
-            for key, path in await self.db.execute_fetchall(sql, params):
-                if path is not None:
-                    found[key] = path
-        return found
 
     async def record_upsert(self, path: str, checksum: str, size: int, modified_time: float,
                             client_id: str, mtime_ns: int) -> FileRecord:
         """Journal a new version of path and make it the live file."""
-        before = self._seen[path] if path in self._seen else await self.get(path)
+        before = self.get(path)
         now = time.time()
         cursor = await self.db.execute(
             "INSERT INTO changes (type, path, checksum, size, modified_time, client_id, time)"
@@ -1326,14 +1485,17 @@ class SQLiteTransaction(Transaction):
             " revision, deleted, time, client_id, mtime_ns) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
             (path, fold_path(path), checksum, size, modified_time, seq, now, client_id, mtime_ns))
         self.last_seq = seq
-        record = FileRecord(path, checksum, size, modified_time, seq, False, now, client_id,
-                            mtime_ns)
-        self._count(before, record)
+        record = FileRecord(path, checksum, size, modified_time, seq, False, now,
+                            sys.intern(client_id), mtime_ns)
+        self._changed(before, record)
         return record
 
     async def record_mtime(self, path: str, mtime_ns: int) -> None:
         """Note a new mtime for unchanged bytes (touched behind our back): no change to journal."""
         await self.db.execute("UPDATE files SET mtime_ns = ? WHERE path = ?", (mtime_ns, path))
+        before = self.get(path)
+        if before is not None:
+            self._changed(before, before._replace(mtime_ns=mtime_ns))
 
     async def record_delete(self, live: FileRecord, client_id: str) -> FileRecord:
         """Journal the deletion of a live file and leave its tombstone."""
@@ -1347,9 +1509,8 @@ class SQLiteTransaction(Transaction):
             "UPDATE files SET revision = ?, deleted = 1, time = ?, client_id = ? WHERE path = ?",
             (seq, now, client_id, live.path))
         self.last_seq = seq
-        tomb = FileRecord(live.path, live.checksum, live.size, live.modified_time,
-                          seq, True, now, client_id)
-        self._count(live, tomb)
+        tomb = live._replace(revision=seq, deleted=True, time=now, client_id=sys.intern(client_id))
+        self._changed(live, tomb)
         return tomb
 
     async def record_version(self, old: FileRecord, change: FileRecord, reason: str) -> Version:
@@ -1450,9 +1611,7 @@ class SQLiteStore(MetadataStore):
                 "SELECT value FROM meta WHERE key = 'epoch'")
             self.epoch = rows[0][0]
             self.cursor = await self._read_cursor(self._reader)
-            rows = await self._reader.execute_fetchall(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE deleted = 0")
-            self.live_files, self.live_bytes = int(rows[0][0]), int(rows[0][1])
+            self._load(await self._reader.execute_fetchall(f"SELECT {FILE_COLUMNS} FROM files"))
             rows = await self._reader.execute_fetchall(
                 "SELECT (SELECT COUNT(*) FROM versions), (SELECT COALESCE(SUM(size), 0) FROM blobs)")
             self.version_count, self.blob_bytes = int(rows[0][0]), int(rows[0][1])
@@ -1466,6 +1625,8 @@ class SQLiteStore(MetadataStore):
         columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(files)")}
         if "mtime_ns" not in columns:   # before 0.1.0's recovery: -1 makes it rehash once
             await db.execute("ALTER TABLE files ADD COLUMN mtime_ns INTEGER NOT NULL DEFAULT -1")
+        # the case checks read the in-memory index now: the index would only cost writes
+        await db.execute("DROP INDEX IF EXISTS files_live_fold")
 
     async def close(self) -> None:
         """Close both connections (an open one keeps the process from exiting)."""
@@ -1507,7 +1668,7 @@ class SQLiteStore(MetadataStore):
         """
         assert self._writer is not None, "the store is not open"
         async with self._lock:
-            tx = SQLiteTransaction(self._writer)
+            tx = SQLiteTransaction(self._writer, self.index)
             await self._writer.execute("BEGIN IMMEDIATE")
             try:
                 yield tx
@@ -1521,37 +1682,9 @@ class SQLiteStore(MetadataStore):
                     except OSError:
                         log.exception("could not undo a file operation after a failed commit")
                 raise
-            if tx.last_seq:
-                self.cursor = tx.last_seq
-            self.live_files += tx.live_files
-            self.live_bytes += tx.live_bytes
-            self.version_count += tx.versions
-            self.blob_bytes += tx.blob_bytes
+            self._committed(tx)
             for hook in tx.after_commit:
                 hook()
-
-    async def get(self, path: str) -> FileRecord | None:
-        """The path's committed record (live or tombstone)."""
-        rows = await self.reader.execute_fetchall(
-            f"SELECT {FILE_COLUMNS} FROM files WHERE path = ?", (path,))
-        return file_record(rows[0]) if rows else None
-
-    async def snapshot(self) -> tuple[dict[str, FileRecord], int]:
-        """Every record (live and tombstones) and the cursor, from one read transaction."""
-        async with self.read_transaction() as db:
-            rows = await db.execute_fetchall(f"SELECT {FILE_COLUMNS} FROM files")
-            cursor = await self._read_cursor(db)
-        return {row[0]: FileRecord._make(row) for row in rows}, cursor
-
-    async def list_live(self, prefix: str) -> tuple[list[FileRecord], int]:
-        """Live files whose path starts with prefix, sorted, and the cursor."""
-        async with self.read_transaction() as db:
-            rows = await db.execute_fetchall(
-                f"SELECT {FILE_COLUMNS} FROM files WHERE deleted = 0 AND path >= ?"
-                " AND substr(path, 1, ?) = ? ORDER BY path",
-                (prefix, len(prefix), prefix))
-            cursor = await self._read_cursor(db)
-        return [file_record(row) for row in rows], cursor
 
     async def changes_since(self, since: int, limit: int) -> tuple[list[Change], int, bool]:
         """Journal entries with seq > since (at most limit), the cursor, and whether more wait."""
@@ -2497,7 +2630,7 @@ async def recover(store: MetadataStore, files: FileStore, accept_deletions: bool
     report = RecoveryReport()
     scan = await asyncio.to_thread(scan_tree, files.root)
     report.skipped, report.unreadable = scan.skipped, sorted(scan.unreadable)
-    records, _ = await store.snapshot()
+    records, _ = store.snapshot()
     live = {path: record for path, record in records.items() if not record.deleted}
     present = set(scan.skipped)
     missing = [record for path, record in live.items()
@@ -2571,7 +2704,7 @@ async def journal_rehashed(transaction: Callable[[], contextlib.AbstractAsyncCon
             if result is None:
                 report.skipped.append(path)
                 continue
-            if await tx.get(path) != old:
+            if tx.get(path) != old:
                 continue                       # written by a client since the scan
             checksum, status = result
             if old is not None and not old.deleted and old.checksum == checksum:
@@ -3274,13 +3407,13 @@ class Tree:
         """In a group's transaction: one upload's checks, its version, rename and journal row."""
         upload, staged, files = item.upload, item.staged, self.files
         path, client_id = upload.path, upload.client_id
-        current = await tx.get(path)
+        current = tx.get(path)
         check_precondition(upload.pre, current)
         live = current if current is not None and not current.deleted else None
         if live is not None and live.checksum == staged.checksum:
             item.record = live       # the same bytes again: nothing changes, nothing to announce
             return
-        await tx.check_writable(path, self.config.allow_case_clash)
+        tx.check_writable(path, self.config.allow_case_clash)
         keep = live.checksum if live is not None and self.keeps_versions else None
         try:
             swap = await asyncio.to_thread(files.swap_in, staged, path, keep, False)
@@ -3321,12 +3454,12 @@ class Tree:
         # other writes get the lock between batches; a file written under it since
         # the delete began is newer than the delete and stays.
         async with self._writing() as tx:
-            current = await tx.get(path)
+            current = tx.get(path)
             if current is not None and not current.deleted:
                 targets = [current]
                 check_precondition(pre, current)
             else:
-                targets = await tx.live_under(path)
+                targets = tx.live_under(path)
                 if not targets:
                     raise NotFound(f"no file or folder at {path}")
                 if pre.is_set():
@@ -3338,7 +3471,7 @@ class Tree:
         for start in range(DELETE_BATCH, len(targets), DELETE_BATCH):
             async with self._writing() as tx:
                 batch = [target for target in targets[start:start + DELETE_BATCH]
-                         if await tx.get(target.path) == target]
+                         if tx.get(target.path) == target]
                 parked, tombs = await self._delete_batch(tx, batch, client_id)
             deleted, last_seq = deleted + len(tombs), tx.last_seq or last_seq
             await self.finish_delete_batch(parked, len(tombs))
@@ -3565,7 +3698,7 @@ class Tree:
     async def versions(self, path: str) -> tuple[FileRecord | None, list[Version]]:
         """The path's live record (None when deleted) and its kept versions, newest first;
         NotFound when it has neither."""
-        current = await self.store.get(path)
+        current = self.store.get(path)
         live = current if current is not None and not current.deleted else None
         kept = await self.store.versions_of(path)
         if live is None and not kept:
@@ -3594,7 +3727,7 @@ class Tree:
         the tree, say) is never opened; the open runs in a worker thread, since a
         disk can block.
         """
-        record = await self.store.get(path)
+        record = self.store.get(path)
         if record is None or record.deleted:
             return None, None
         try:
@@ -4024,7 +4157,7 @@ async def plan_answer(state: State, body: bytearray) -> tuple[str, str]:
     """The client id of a SyncRequest body and the JSON text of its plan."""
     client_id, entries = await asyncio.to_thread(decode_sync_request, body)
     body.clear()                     # the parsed entries replace the bytes
-    records, cursor = await state.tree.store.snapshot()
+    records, cursor = state.tree.store.snapshot()
     epoch = state.tree.store.epoch
     return client_id, await asyncio.to_thread(
         lambda: compact_json(plan_sync(entries, records).to_json(epoch, cursor)))
@@ -4420,7 +4553,7 @@ async def handle_list_files(request: web.Request) -> web.Response:
     """GET /files?prefix=P: live files whose path starts with P."""
     store = state_of(request).tree.store
     prefix = unicodedata.normalize("NFC", request.query.get("prefix", ""))
-    records, cursor = await store.list_live(prefix)
+    records, cursor = store.list_live(prefix)
     return json_response({"files": [record.to_json() for record in records], "cursor": cursor})
 
 

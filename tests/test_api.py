@@ -596,15 +596,18 @@ async def test_internal_error_hides_details(client: Any, monkeypatch: pytest.Mon
 async def test_download_racing_an_upload_never_pairs_old_bytes_with_new_metadata(
         client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     await put(client, "race.txt", b"old bytes")
-    real_get = syncd.SQLiteStore.get
+    real_open = syncd.FileStore.open_read
+    loop = asyncio.get_running_loop()
     raced = []
 
-    async def get_after_an_upload(self: Any, path: str) -> Any:
-        if not raced:                       # between the open and the read of the record
+    def open_after_an_upload(self: Any, path: str) -> Any:
+        if not raced:        # in the worker thread: the record is read, the file not yet open
             raced.append(True)
-            assert (await put(client, "race.txt", b"new bytes, longer")).status == 200
-        return await real_get(self, path)
-    monkeypatch.setattr(syncd.SQLiteStore, "get", get_after_an_upload)
+            uploaded = asyncio.run_coroutine_threadsafe(
+                put(client, "race.txt", b"new bytes, longer"), loop).result(timeout=30)
+            assert uploaded.status == 200
+        return real_open(self, path)
+    monkeypatch.setattr(syncd.FileStore, "open_read", open_after_an_upload)
     response = await client.get("/download/race.txt")
     body = await response.read()
     assert raced and response.headers["ETag"] == f'"{sha(body)}"'
