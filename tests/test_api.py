@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -595,7 +597,9 @@ async def test_internal_error_hides_details(client: Any, monkeypatch: pytest.Mon
 
 async def test_download_racing_an_upload_never_pairs_old_bytes_with_new_metadata(
         client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    await put(client, "race.txt", b"old bytes")
+    """A large file opens in a worker thread: an upload lands between the record and the open."""
+    big = syncd.INLINE_LIMIT + 1
+    await put(client, "race.txt", b"o" * big)
     real_open = syncd.FileStore.open_read
     loop = asyncio.get_running_loop()
     raced = []
@@ -604,7 +608,7 @@ async def test_download_racing_an_upload_never_pairs_old_bytes_with_new_metadata
         if not raced:        # in the worker thread: the record is read, the file not yet open
             raced.append(True)
             uploaded = asyncio.run_coroutine_threadsafe(
-                put(client, "race.txt", b"new bytes, longer"), loop).result(timeout=30)
+                put(client, "race.txt", b"n" * (big + 5)), loop).result(timeout=30)
             assert uploaded.status == 200
         return real_open(self, path)
     monkeypatch.setattr(syncd.FileStore, "open_read", open_after_an_upload)
@@ -612,3 +616,65 @@ async def test_download_racing_an_upload_never_pairs_old_bytes_with_new_metadata
     body = await response.read()
     assert raced and response.headers["ETag"] == f'"{sha(body)}"'
     assert response.headers["Content-Length"] == str(len(body))
+
+
+async def test_a_small_download_during_a_rename_waits_for_its_commit(
+        client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small file opens on the loop, but a rename runs in a worker thread before its
+    commit: a download that starts then must not pair the new bytes with the old record."""
+    await put(client, "race.txt", b"old bytes")
+    real_swap = syncd.FileStore.swap_in
+    renamed, release = threading.Event(), threading.Event()
+
+    def swap_then_hold(*args: Any) -> Any:
+        swap = real_swap(*args)          # the new bytes are at the name, not yet committed
+        renamed.set()
+        release.wait(timeout=30)
+        return swap
+    monkeypatch.setattr(syncd.FileStore, "swap_in", swap_then_hold)
+    upload = asyncio.ensure_future(put(client, "race.txt", b"new bytes, longer"))
+    assert await asyncio.to_thread(renamed.wait, 30)
+    download = asyncio.ensure_future(client.get("/download/race.txt"))
+    await asyncio.sleep(0.2)
+    release.set()
+    response = await download
+    body = await response.read()
+    assert (await upload).status == 200 and body == b"new bytes, longer"
+    assert response.headers["ETag"] == f'"{sha(body)}"'
+    assert response.headers["Content-Length"] == str(len(body))
+
+
+@pytest.mark.parametrize("code", [errno.EAGAIN, errno.EOPNOTSUPP])
+async def test_a_small_file_not_in_the_page_cache_is_read_in_a_thread(
+        client: Any, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    await put(client, "cold.txt", b"on disk only")
+    threads = []
+    real_pread = os.pread
+
+    def refuse(*args: Any) -> int:
+        raise OSError(code, os.strerror(code))
+
+    def pread(*args: Any) -> bytes:
+        threads.append(threading.current_thread())
+        return real_pread(*args)
+    monkeypatch.setattr(syncd.os, "preadv", refuse)
+    monkeypatch.setattr(syncd.os, "pread", pread)
+    response = await client.get("/download/cold.txt", headers={"Range": "bytes=3-6"})
+    assert response.status == 206 and await response.read() == b"disk"
+    assert threads and threads[0] is not threading.main_thread()
+    monkeypatch.setattr(syncd.os, "preadv", lambda *args: (_ for _ in ()).throw(
+        OSError(errno.EIO, "Input/output error")))
+    assert (await client.get("/download/cold.txt")).status == 503     # not taken as "cold"
+
+
+@pytest.mark.parametrize("seconds", [0, 1_700_000_000.5, 1_796_622_698.81, 4_102_444_800])
+def test_last_modified_is_the_rfc_date(seconds: float) -> None:
+    import email.utils
+    assert syncd.http_date(seconds) == email.utils.formatdate(seconds, usegmt=True)
+
+
+@pytest.mark.parametrize("path", ["a/b.txt", "x.TAR.GZ", "a.HTML", "noext", ".bashrc", "a/b.svg",
+                                  "dir.d/file", "my.photo.2023.JPG", "a..b", ".x.txt", "a#b.txt"])
+def test_content_type_is_guessed_from_the_name(path: str) -> None:
+    import mimetypes
+    assert syncd.content_type(path) == (mimetypes.guess_type(path)[0] or "application/octet-stream")
