@@ -36,6 +36,7 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import datetime
@@ -93,6 +94,7 @@ RESERVED_NAMES = (STATE_DIR, CLIENT_STATE_DIR)   # no client path may name them
 CHUNK_SIZE = 1024 * 1024          # streaming unit for uploads and downloads
 READ_BUFFER = 1024 * 1024         # aiohttp's per-connection read buffer (its default: 64 KiB)
 INLINE_LIMIT = 64 * 1024          # downloads up to this size are read, not sendfile'd
+SPARE_TEMP_FILES = 16             # temp files made ahead for uploads (FileStore._refill)
 JSON_BODY_LIMIT = 64 * 1024 * 1024  # a /sync manifest of 100,000 entries is ~15 MB
 SYNC_SLOTS = 1                    # /sync manifests parsed and planned at once (memory, CPU)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -1424,6 +1426,7 @@ CREATE TABLE IF NOT EXISTS clients (
 """
 
 FILE_COLUMNS = "path, checksum, size, modified_time, revision, deleted, time, client_id, mtime_ns"
+FILES_ROW = "path, fold, " + FILE_COLUMNS.removeprefix("path, ")
 CHANGE_COLUMNS = "seq, type, path, checksum, size, modified_time, client_id, time"
 VERSION_COLUMNS = ("path, revision, checksum, size, modified_time, replaced_at, replaced_by,"
                    " time, reason")
@@ -1464,58 +1467,74 @@ def sqlite_failure(exc: BaseException) -> Refused | None:
 
 
 class SQLiteTransaction(Transaction):
-    """BEGIN IMMEDIATE ... COMMIT on the writer connection."""
+    """BEGIN IMMEDIATE ... COMMIT on the writer connection.
 
-    def __init__(self, db: aiosqlite.Connection, index: LiveIndex) -> None:
+    The journal and file rows are buffered and written by flush() in one
+    executemany each (before COMMIT, and before any statement that reads):
+    each statement is a round trip to aiosqlite's thread, and a group commit
+    of 100 uploads would otherwise make 200 of them. So the transaction hands
+    out the seqs itself, from the cursor on: it alone writes the journal.
+    """
+
+    def __init__(self, db: aiosqlite.Connection, index: LiveIndex, cursor: int) -> None:
         super().__init__(index)
         self.db = db
+        self._next_seq = cursor + 1
+        self._journal: list[tuple[Any, ...]] = []     # rows of CHANGE_COLUMNS
+        self._files: list[tuple[Any, ...]] = []       # rows of FILES_ROW, in order
+
+    def _journalled(self, kind: str, path: str, checksum: str, size: int,
+                    modified_time: float, client_id: str, now: float) -> int:
+        """Buffer a journal row; its seq."""
+        seq = self.last_seq = self._next_seq
+        self._next_seq += 1
+        self._journal.append((seq, kind, path, checksum, size, modified_time, client_id, now))
+        return seq
+
+    def _record(self, before: FileRecord | None, record: FileRecord) -> None:
+        """Buffer record as the path's row, and note the change."""
+        self._files.append((record.path, fold_path(record.path), *record[1:]))
+        self._changed(before, record)
+
+    async def flush(self) -> None:
+        """Write the buffered rows."""
+        if self._journal:
+            rows, self._journal = self._journal, []
+            await self.db.executemany(
+                f"INSERT INTO changes ({CHANGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        if self._files:
+            rows, self._files = self._files, []
+            await self.db.executemany(
+                f"INSERT OR REPLACE INTO files ({FILES_ROW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows)
 
     async def record_upsert(self, path: str, checksum: str, size: int, modified_time: float,
                             client_id: str, mtime_ns: int) -> FileRecord:
         """Journal a new version of path and make it the live file."""
-        before = self.get(path)
         now = time.time()
-        cursor = await self.db.execute(
-            "INSERT INTO changes (type, path, checksum, size, modified_time, client_id, time)"
-            " VALUES ('upsert', ?, ?, ?, ?, ?, ?)",
-            (path, checksum, size, modified_time, client_id, now))
-        seq = cursor.lastrowid
-        assert seq is not None
-        await self.db.execute(
-            "INSERT OR REPLACE INTO files (path, fold, checksum, size, modified_time,"
-            " revision, deleted, time, client_id, mtime_ns) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
-            (path, fold_path(path), checksum, size, modified_time, seq, now, client_id, mtime_ns))
-        self.last_seq = seq
+        seq = self._journalled("upsert", path, checksum, size, modified_time, client_id, now)
         record = FileRecord(path, checksum, size, modified_time, seq, False, now,
                             sys.intern(client_id), mtime_ns)
-        self._changed(before, record)
+        self._record(self.get(path), record)
         return record
 
     async def record_mtime(self, path: str, mtime_ns: int) -> None:
         """Note a new mtime for unchanged bytes (touched behind our back): no change to journal."""
-        await self.db.execute("UPDATE files SET mtime_ns = ? WHERE path = ?", (mtime_ns, path))
         before = self.get(path)
         if before is not None:
-            self._changed(before, before._replace(mtime_ns=mtime_ns))
+            self._record(before, before._replace(mtime_ns=mtime_ns))
 
     async def record_delete(self, live: FileRecord, client_id: str) -> FileRecord:
         """Journal the deletion of a live file and leave its tombstone."""
         now = time.time()
-        cursor = await self.db.execute(
-            "INSERT INTO changes (type, path, checksum, size, modified_time, client_id, time)"
-            " VALUES ('delete', ?, '', 0, ?, ?, ?)", (live.path, now, client_id, now))
-        seq = cursor.lastrowid
-        assert seq is not None
-        await self.db.execute(
-            "UPDATE files SET revision = ?, deleted = 1, time = ?, client_id = ? WHERE path = ?",
-            (seq, now, client_id, live.path))
-        self.last_seq = seq
+        seq = self._journalled("delete", live.path, "", 0, now, client_id, now)
         tomb = live._replace(revision=seq, deleted=True, time=now, client_id=sys.intern(client_id))
-        self._changed(live, tomb)
+        self._record(live, tomb)
         return tomb
 
     async def record_version(self, old: FileRecord, change: FileRecord, reason: str) -> Version:
         """Keep old's content as replaced or deleted by change (its blob is in the store)."""
+        await self.flush()
         version = Version(old.path, old.revision, old.checksum, old.size, old.modified_time,
                           change.revision, change.client_id, change.time, reason)
         cursor = await self.db.execute(
@@ -1534,6 +1553,7 @@ class SQLiteTransaction(Transaction):
 
     async def drop_versions(self, versions: Iterable[tuple[str, int]]) -> list[str]:
         """Forget versions; the checksums of the blobs no version refers to any more."""
+        await self.flush()
         gone = []
         for path, revision in versions:
             rows = await self.db.execute_fetchall(
@@ -1554,12 +1574,14 @@ class SQLiteTransaction(Transaction):
 
     async def oldest_versions(self, limit: int) -> list[Version]:
         """The limit oldest versions."""
+        await self.flush()
         rows = await self.db.execute_fetchall(
             f"SELECT {VERSION_COLUMNS} FROM versions ORDER BY time, path LIMIT ?", (limit,))
         return [Version(*row) for row in rows]
 
     async def versions_with(self, checksums: Iterable[str]) -> list[tuple[str, int]]:
         """The (path, revision) of every version of these contents."""
+        await self.flush()
         found: list[tuple[str, int]] = []
         wanted = list(checksums)
         for start in range(0, len(wanted), 500):
@@ -1669,10 +1691,11 @@ class SQLiteStore(MetadataStore):
         """
         assert self._writer is not None, "the store is not open"
         async with self._lock:
-            tx = SQLiteTransaction(self._writer, self.index)
+            tx = SQLiteTransaction(self._writer, self.index, self.cursor)
             await self._writer.execute("BEGIN IMMEDIATE")
             try:
                 yield tx
+                await tx.flush()
                 await self._writer.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -1825,6 +1848,7 @@ class StagedFile:
     size: int = 0
     checksum: str = ""
     mtime_ns: int = -1
+    placed: bool = False     # renamed into the tree and committed: no temp file to remove
 
 
 @dataclass
@@ -1901,10 +1925,48 @@ class FileStore:
         # chunk still being written before it closes the file.
         self.writers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="syncd-write")
         self._names = itertools.count()      # temp names: tmp/ is emptied at every start
+        # Temp files made ahead by a writer thread: creating one can wait for the
+        # filesystem's journal, which the uploads' fsyncs keep busy, and the event
+        # loop must not wait with it (it spent a third of its time there).
+        self._spare: collections.deque[tuple[str, int]] = collections.deque()
+        self._refilling = False
 
     def close(self) -> None:
-        """Stop the writer threads."""
+        """Stop the writer threads; remove the temp files made ahead."""
         self.writers.shutdown(wait=True)
+        while self._spare:
+            name, fd = self._spare.popleft()
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp_dir / name)
+
+    def _make_temp(self, kind: str = "upload") -> tuple[str, int]:
+        """A new empty file in tmp/: its name and a descriptor open for writing."""
+        name = f"{kind}-{next(self._names)}"
+        return name, os.open(self.tmp_dir / name,
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def _refill(self) -> None:
+        """In a writer thread: make temp files until SPARE_TEMP_FILES wait. A failure stops
+        it quietly: the next upload then makes its own and meets the error itself."""
+        try:
+            while len(self._spare) < SPARE_TEMP_FILES:
+                self._spare.append(self._make_temp("spare"))
+        except OSError:
+            pass
+        finally:
+            self._refilling = False
+
+    async def _temp_file(self) -> tuple[str, int]:
+        """A temp file for an upload: one made ahead, else one made now in a thread."""
+        try:
+            made = self._spare.popleft()
+        except IndexError:
+            made = await asyncio.to_thread(self._make_temp)
+        if len(self._spare) < SPARE_TEMP_FILES // 2 and not self._refilling:
+            self._refilling = True
+            self.writers.submit(self._refill)
+        return made
 
     def prepare(self) -> int:
         """Create .syncd/ and tmp/, private to us (0700); empty tmp/ of what a crash left
@@ -1949,10 +2011,8 @@ class FileStore:
         """Stream chunks into a new temp file, hashing and counting; TooLarge past max_size.
         On a full disk, make_room(bytes) may free space (True: it did): the chunk is written
         again, once."""
-        name = f"upload-{next(self._names)}"
-        fd = os.open(self.tmp_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     0o644)
-        staged = StagedFile(name, fd)
+        staged = StagedFile(*await self._temp_file())
+        fd = staged.fd
         hasher = hashlib.sha256()
         # One chunk is hashed and written in a worker thread while the event loop
         # receives the next: network, hashing and the disk overlap.
@@ -2013,12 +2073,13 @@ class FileStore:
         staged.fd = -1
 
     def discard(self, staged: StagedFile) -> None:
-        """Close and remove a temp file that will not be used."""
+        """Close and remove a temp file that will not be used (none once it is placed)."""
         if staged.fd >= 0:
             os.close(staged.fd)
             staged.fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp_dir / staged.name)
+        if not staged.placed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_dir / staged.name)
 
     def _walk(self, folders: Sequence[str], create: bool) -> int:
         """Open the folder at the end of folders, from the root, with O_NOFOLLOW.
@@ -2109,6 +2170,23 @@ class FileStore:
             os.close(tmp_fd)
         return swap
 
+    def swap_many(self, items: Sequence[tuple[StagedFile, str, str | None]]) -> list[Swap]:
+        """swap_in of each (staged, path, keep), then one fsync of each folder; on a failure
+        the swaps made are undone and the error raised."""
+        swaps: list[Swap] = []
+        try:
+            for staged, path, keep in items:
+                swaps.append(self.swap_in(staged, path, keep, sync=False))
+            self.sync_folders([path for _, path, _ in items])
+        except BaseException:
+            for swap in reversed(swaps):
+                try:
+                    self.undo_swap(swap)
+                except OSError:
+                    log.exception("could not undo the rename of %s", swap.path)
+            raise
+        return swaps
+
     def sync_folders(self, paths: Iterable[str]) -> None:
         """fsync the folder of each path once (the renames of a group commit)."""
         for folder in sorted({path.rpartition("/")[0] for path in paths}):
@@ -2164,10 +2242,8 @@ class FileStore:
     def stage_blob(self, checksum: str) -> StagedFile:
         """A copy of a kept content as a new temp file, hashed on the way (a restore writes a
         new file: the blob is never put back into the tree, where it could be edited)."""
-        name = f"upload-{next(self._names)}"
-        fd = os.open(self.tmp_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     0o644)
-        staged = StagedFile(name, fd)
+        staged = StagedFile(*self._make_temp())
+        fd = staged.fd
         hasher = hashlib.sha256()
         try:
             with self.open_blob(checksum) as source:
@@ -2256,11 +2332,13 @@ class FileStore:
             os.rename(swap.backup, name, src_dir_fd=tmp_fd, dst_dir_fd=parent)
         os.fsync(parent)
 
-    def finish_swap(self, swap: Swap) -> None:
-        """Drop the replaced file once the new one is committed."""
-        if swap.backup is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.tmp_dir / swap.backup)
+    def finish_swaps(self, swaps: Iterable[Swap]) -> None:
+        """Drop the replaced files once the new ones are committed (in a worker thread: an
+        unlink can wait for the journal)."""
+        for swap in swaps:
+            if swap.backup is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.tmp_dir / swap.backup)
 
     def remove_many(self, paths: Sequence[str], keep: Mapping[str, str] | None = None) -> list[Removal]:
         """Move paths out of the tree into tmp/, one walk and one fsync per folder; the
@@ -3166,6 +3244,11 @@ class PendingUpload:
     record: FileRecord | None = None
     created: bool = False
     error: BaseException | None = None
+    seal_error: BaseException | None = None
+
+
+class SwapsFailed(Exception):
+    """A rename of a group commit failed: all were undone, to be made one by one."""
 
 
 GROUP_COMMIT_MAX = 256    # uploads one transaction may hold
@@ -3405,65 +3488,130 @@ class Tree:
         """One transaction for a group of uploads: for each the checks, the old content kept
         as a version, the rename and the journal; then one fsync per folder, one COMMIT,
         and each upload's announcement and answer. One refused upload does not stop the
-        others; a failure of the folder fsync or of the database fails them all (undone)."""
+        others; a failure of the folder fsync or of the database fails them all (undone).
+
+        The renames are made together in one worker thread; if one fails, the group is
+        undone and placed again one upload at a time, so that the failure is that
+        upload's alone."""
         for item, sealed in zip(group, await asyncio.gather(
                 *(item.sealed for item in group), return_exceptions=True), strict=True):
             if isinstance(sealed, BaseException):
-                item.error = sealed
+                item.error = item.seal_error = sealed
         try:
-            async with self._writing() as tx:
+            try:
+                async with self._writing() as tx:
+                    await self._place_together(tx, group)
+            except SwapsFailed:
                 for item in group:
-                    if item.error is not None:
-                        continue
-                    try:
-                        await self._apply_upload(tx, item)
-                    except Refused as exc:
-                        item.error = exc           # nothing of it was changed
-                await asyncio.to_thread(self.files.sync_folders,
-                                        [item.upload.path for item in group if item.swap])
+                    item.error, item.record, item.created = item.seal_error, None, False
+                async with self._writing() as tx:
+                    await self._place_one_by_one(tx, group)
         except Exception as exc:       # undone: every upload of the group failed with it
             for item in group:
                 if item.error is None:
                     item.error, item.swap = exc, None
+        placed = [item.swap for item in group if item.error is None and item.swap is not None]
         for item in group:
             if item.error is not None:
                 item.done.set_exception(item.error)
                 continue
             assert item.record is not None
             if item.swap is not None:
+                item.staged.placed = True
                 self.rehashing.discard(item.upload.path)   # what a client wrote is on disk now
-                self.files.finish_swap(item.swap)
                 self.metrics.uploads.inc()
                 log.info("stored %s (%d bytes, revision %d) from %s", item.upload.path,
                          item.record.size, item.record.revision, item.upload.client_id)
             item.done.set_result((item.record, item.created))
+        if placed:
+            self.background.spawn(asyncio.to_thread(self.files.finish_swaps, placed))
 
-    async def _apply_upload(self, tx: Transaction, item: PendingUpload) -> None:
-        """In a group's transaction: one upload's checks, its version, rename and journal row."""
-        upload, staged, files = item.upload, item.staged, self.files
-        path, client_id = upload.path, upload.client_id
-        current = tx.get(path)
-        check_precondition(upload.pre, current)
-        live = current if current is not None and not current.deleted else None
-        if live is not None and live.checksum == staged.checksum:
-            item.record = live       # the same bytes again: nothing changes, nothing to announce
+    async def _place_together(self, tx: Transaction, group: Sequence[PendingUpload]) -> None:
+        """Check and journal each upload, then rename them all and fsync their folders in
+        one worker thread; SwapsFailed (every rename undone) if any rename fails."""
+        placing: list[tuple[PendingUpload, FileRecord | None, FileRecord]] = []
+        for item in group:
+            if item.error is not None:
+                continue
+            try:
+                live = self._check_upload(tx, item)
+            except Refused as exc:
+                item.error = exc           # nothing of it was changed
+                continue
+            if item.record is None:        # not the same bytes again
+                placing.append((item, live, await self._journal_upload(tx, item)))
+        if not placing:
             return
-        tx.check_writable(path, self.config.allow_case_clash)
+        keeps = [live.checksum if live is not None and self.keeps_versions else None
+                 for _, live, _ in placing]
+        try:
+            swaps = await asyncio.to_thread(self.files.swap_many, [
+                (item.staged, item.upload.path, keep)
+                for (item, _, _), keep in zip(placing, keeps, strict=True)])
+        except (OSError, FolderBlocked) as exc:
+            raise SwapsFailed() from exc
+        for (item, live, record), swap in zip(placing, swaps, strict=True):
+            await self._placed(tx, item, live, record, swap)
+
+    async def _place_one_by_one(self, tx: Transaction, group: Sequence[PendingUpload]) -> None:
+        """_place_together's slow way, after a rename failed: each upload renamed on its own,
+        so that a failure refuses that upload alone."""
+        for item in group:
+            if item.error is not None:
+                continue
+            try:
+                await self._place_alone(tx, item)
+            except Refused as exc:
+                item.error = exc           # nothing of it was changed
+        await asyncio.to_thread(self.files.sync_folders,
+                                [item.upload.path for item in group if item.swap])
+
+    async def _place_alone(self, tx: Transaction, item: PendingUpload) -> None:
+        """One upload's checks, rename, journal row and version."""
+        upload, staged = item.upload, item.staged
+        live = self._check_upload(tx, item)
+        if item.record is not None:
+            return
         keep = live.checksum if live is not None and self.keeps_versions else None
         try:
-            swap = await asyncio.to_thread(files.swap_in, staged, path, keep, False)
+            swap = await asyncio.to_thread(self.files.swap_in, staged, upload.path, keep, False)
         except FolderBlocked as exc:
-            raise PathBlocked(path, f"{exc} is in the way") from None
+            raise PathBlocked(upload.path, f"{exc} is in the way") from None
         except OSError as exc:       # this file alone (swap_in undid itself): not the group
             refusal = self.failure(exc)
             if refusal is None:
                 raise
-            log.error("storing %s for %s: %s (%s)", path, client_id, refusal.message, exc)
+            log.error("storing %s for %s: %s (%s)", upload.path, upload.client_id,
+                      refusal.message, exc)
             raise refusal from exc
+        await self._placed(tx, item, live, await self._journal_upload(tx, item), swap)
+
+    def _check_upload(self, tx: Transaction, item: PendingUpload) -> FileRecord | None:
+        """An upload's precondition and path checks; the live record it replaces. When the
+        live file has the same bytes already, item.record is set: nothing is to change."""
+        path = item.upload.path
+        current = tx.get(path)
+        check_precondition(item.upload.pre, current)
+        live = current if current is not None and not current.deleted else None
+        if live is not None and live.checksum == item.staged.checksum:
+            item.record = live       # the same bytes again: nothing changes, nothing to announce
+            return live
+        tx.check_writable(path, self.config.allow_case_clash)
+        return live
+
+    @staticmethod
+    async def _journal_upload(tx: Transaction, item: PendingUpload) -> FileRecord:
+        """The upload's journal row and live record, in the transaction."""
+        upload, staged = item.upload, item.staged
+        return await tx.record_upsert(upload.path, staged.checksum, staged.size,
+                                      upload.modified_time, upload.client_id, staged.mtime_ns)
+
+    async def _placed(self, tx: Transaction, item: PendingUpload, live: FileRecord | None,
+                      record: FileRecord, swap: Swap) -> None:
+        """After an upload's rename: its undo, the version of what it replaced, its event."""
+        files, client_id = self.files, item.upload.client_id
         item.swap = swap
         tx.undo.append(lambda: files.undo_swap(swap))
-        record = await tx.record_upsert(path, staged.checksum, staged.size,
-                                        upload.modified_time, client_id, staged.mtime_ns)
         if live is not None and swap.blob is not None:
             await tx.record_version(live, record, "overwrite")
         tx.after_commit.append(lambda: self.hub.publish(file_changed_event(record), client_id))

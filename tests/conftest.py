@@ -117,8 +117,12 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> Non
 
 
 def tmp_files(data_dir: Path) -> list[str]:
-    """What is left in .syncd/tmp/."""
-    return sorted(os.listdir(data_dir / ".syncd" / "tmp"))
+    """What is left in .syncd/tmp/, but for the empty temp files made ahead for uploads."""
+    tmp = data_dir / ".syncd" / "tmp"
+    left = sorted(name for name in os.listdir(tmp)
+                  if not (name.startswith("spare-") and (tmp / name).stat().st_size == 0))
+    assert len(os.listdir(tmp)) - len(left) <= syncd.SPARE_TEMP_FILES
+    return left
 
 
 # -- a real daemon ---------------------------------------------------------------

@@ -626,8 +626,8 @@ async def test_a_small_download_during_a_rename_waits_for_its_commit(
     real_swap = syncd.FileStore.swap_in
     renamed, release = threading.Event(), threading.Event()
 
-    def swap_then_hold(*args: Any) -> Any:
-        swap = real_swap(*args)          # the new bytes are at the name, not yet committed
+    def swap_then_hold(*args: Any, **kwargs: Any) -> Any:
+        swap = real_swap(*args, **kwargs)    # the new bytes are at the name, not yet committed
         renamed.set()
         release.wait(timeout=30)
         return swap

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+import syncd
 from conftest import error_of, put, sha, tmp_files
 
 
@@ -142,3 +144,35 @@ async def test_bulk_keeps_versions_of_what_it_overwrites(client: Any) -> None:
     await bulk(client, [({"relative_path": "doc.txt"}, b"after")])
     kept = (await (await client.get("/versions/doc.txt")).json())["versions"]
     assert [v["checksum"] for v in kept] == [sha(b"before")]
+
+
+async def test_a_rename_that_fails_in_a_group_fails_that_file_alone(
+        client: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group's renames are made together; when one fails they are undone and made
+    one by one, so that the others are stored and only that one is refused."""
+    (data_dir / "in-the-way").mkdir()                # a folder the server does not know
+    real_swap = syncd.FileStore.swap_in
+    calls = []
+
+    def failing_swap(self: Any, staged: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(path)
+        if path == "eio.txt":
+            raise OSError(errno.EIO, "Input/output error")
+        return real_swap(self, staged, path, *args, **kwargs)
+    monkeypatch.setattr(syncd.FileStore, "swap_in", failing_swap)
+    response = await bulk(client, [({"relative_path": "a.txt"}, b"a"),
+                                   ({"relative_path": "in-the-way"}, b"b"),
+                                   ({"relative_path": "c.txt"}, b"c"),
+                                   ({"relative_path": "eio.txt"}, b"d"),
+                                   ({"relative_path": "e.txt"}, b"e")])
+    results = (await response.json())["results"]
+    assert [(r["path"], r["status"]) for r in results] == [
+        ("a.txt", 200), ("in-the-way", 409), ("c.txt", 200), ("eio.txt", 503), ("e.txt", 200)]
+    assert [r["revision"] for r in results if r["status"] == 200] == [1, 2, 3]
+    assert calls[:2] == ["a.txt", "in-the-way"] and len(calls) == 2 + 5    # together, then alone
+    for name in ("a", "c", "e"):
+        assert (data_dir / f"{name}.txt").read_bytes() == name.encode()
+    assert not (data_dir / "eio.txt").exists() and (data_dir / "in-the-way").is_dir()
+    assert tmp_files(data_dir) == []
+    listed = await (await client.get("/files")).json()
+    assert [f["path"] for f in listed["files"]] == ["a.txt", "c.txt", "e.txt"]

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from conftest import Daemon, kill_mid_put, sha, tmpfs_daemon, wait_until
+from conftest import Daemon, kill_mid_put, sha, tmp_files, tmpfs_daemon, wait_until
 from conftest import http_request as request
 
 
@@ -26,7 +26,7 @@ def check_consistent(server: Daemon, path: str, allowed: list[bytes]) -> bytes:
     assert headers["ETag"] == f'"{sha(body)}"'
     listed = json.loads(request(server.port, "GET", "/files")[2])["files"]
     assert [f["checksum"] for f in listed if f["path"] == path] == [sha(body)]
-    assert os.listdir(server.data / ".syncd" / "tmp") == []
+    assert tmp_files(server.data) == []
     return body
 
 
@@ -79,8 +79,9 @@ def test_real_full_disk_is_507_then_works_again(tmp_path: Path) -> None:
         status, _, body = request(port, "PUT", "/files/first.bin", big, {"X-Client-Id": "a"})
         assert status == 507 and json.loads(body)["error"] == "insufficient_storage"
         assert request(port, "GET", "/download/first.bin")[2] == first       # the old one intact
-        leftovers = subprocess.run(["nsenter", "-t", str(pid), "-m", "ls", "-A",
-                                    str(data / ".syncd" / "tmp")], capture_output=True, text=True)
+        leftovers = subprocess.run(   # what tmp_files() shows: no empty spare-* made ahead
+            ["nsenter", "-t", str(pid), "-m", "find", str(data / ".syncd" / "tmp"), "-mindepth",
+             "1", "!", "(", "-name", "spare-*", "-empty", ")"], capture_output=True, text=True)
         assert leftovers.returncode == 0 and leftovers.stdout == ""
         assert request(port, "DELETE", "/files/first.bin?client_id=a")[0] == 200
         assert request(port, "PUT", "/files/first.bin", big, {"X-Client-Id": "a"})[0] == 201

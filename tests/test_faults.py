@@ -134,9 +134,13 @@ async def test_read_only_storage_refuses_writes_and_serves_reads(client: Any, da
             raise OSError(errno.EROFS, "Read-only file system")
         return real_open(path, flags, *args, **kwargs)
 
+    def no_rename(*args: Any, **kwargs: Any) -> None:    # a temp file made ahead is open already
+        raise OSError(errno.EROFS, "Read-only file system")
+
     async def read_only_db(*args: Any) -> Any:
         raise sqlite_error(sqlite3.SQLITE_READONLY, "attempt to write a readonly database")
     monkeypatch.setattr(syncd.os, "open", read_only)
+    monkeypatch.setattr(syncd.os, "rename", no_rename)
     monkeypatch.setattr(syncd.SQLiteStore, "touch_client", read_only_db)
     body = await error_of(await put(client, "b.txt", b"x"), 503)
     assert body["error"] == "storage_unavailable" and "read-only" in body["message"]

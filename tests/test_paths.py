@@ -10,7 +10,7 @@ import pytest
 from yarl import URL
 
 import syncd
-from conftest import error_of, put, upload
+from conftest import error_of, put, tmp_files, upload
 
 
 @pytest.mark.parametrize("raw", [
@@ -89,7 +89,7 @@ async def test_upload_refuses_bad_relative_path(client: Any, data_dir: Path, raw
     body = await error_of(await upload(client, raw, b"data"), 400)
     assert body["error"] == "invalid_path"
     assert sorted(os.listdir(data_dir)) == [".syncd"]
-    assert os.listdir(data_dir / ".syncd" / "tmp") == []
+    assert tmp_files(data_dir) == []
 
 
 async def test_sync_refuses_bad_path(client: Any) -> None:
@@ -218,7 +218,7 @@ async def test_path_attacks_in_bodies_are_refused(client: Any, data_dir: Path, r
         {"path": raw, "checksum": "0" * 64, "size": 1, "modified_time": 1}]})
     assert (await error_of(response, 400))["error"] == "invalid_path"
     assert sorted(os.listdir(data_dir)) == [".syncd"]
-    assert os.listdir(data_dir / ".syncd" / "tmp") == []
+    assert tmp_files(data_dir) == []
 
 
 async def test_nfd_twin_of_a_file_is_the_same_file(client: Any, data_dir: Path) -> None:

@@ -200,10 +200,33 @@ async def test_a_bug_after_a_group_commit_answers_500_and_the_next_upload_works(
         client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     await put(client, "a.txt", b"old")
 
-    def broken(*args: Any) -> None:
-        raise RuntimeError("a bug after the commit")
-    monkeypatch.setattr(syncd.FileStore, "finish_swap", broken)
+    class Broken:
+        def inc(self, *args: Any) -> None:
+            raise RuntimeError("a bug after the commit")
+    monkeypatch.setattr(client.server.app[syncd.STATE].tree.metrics, "uploads", Broken())
     response = await asyncio.wait_for(put(client, "a.txt", b"new"), 20)   # not left waiting
     assert (await error_of(response, 500))["error"] == "internal"
     monkeypatch.undo()
     assert (await put(client, "b.txt", b"next")).status == 201
+
+
+async def test_temp_files_made_ahead_are_removed_at_close_and_a_failure_to_make_them_is_not_fatal(
+        app_client: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = await app_client()
+    store = client.server.app[syncd.STATE].tree.files
+    await put(client, "first.txt", b"x")
+    await asyncio.to_thread(lambda: store.writers.submit(lambda: None).result(10))
+    spares = [name for name in os.listdir(data_dir / ".syncd" / "tmp") if name.startswith("spare-")]
+    assert len(spares) == syncd.SPARE_TEMP_FILES          # made ahead, by a writer thread
+    real_make = syncd.FileStore._make_temp
+
+    def no_spares(self: Any, kind: str = "upload") -> Any:
+        if kind == "spare":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_make(self, kind)
+    monkeypatch.setattr(syncd.FileStore, "_make_temp", no_spares)
+    for index in range(syncd.SPARE_TEMP_FILES + 3):       # the spares run out: made one by one
+        assert (await put(client, f"f{index}.txt", b"%d" % index)).status == 201
+    monkeypatch.undo()
+    await client.close()
+    assert os.listdir(data_dir / ".syncd" / "tmp") == []

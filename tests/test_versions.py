@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import syncd
-from conftest import error_of, put, sha, upload
+from conftest import error_of, put, sha, tmp_files, upload
 
 
 def blob(data_dir: Path, data: bytes) -> Path:
@@ -55,7 +55,7 @@ async def test_an_overwrite_keeps_the_old_content_as_a_version(client: Any, data
                        "replaced_by": "desk", "time": version["time"], "reason": "overwrite"}
     assert blob(data_dir, b"first").read_bytes() == b"first"
     assert os.stat(blob(data_dir, b"first")).st_ino == inode        # linked, not copied
-    assert os.listdir(data_dir / ".syncd" / "tmp") == []
+    assert tmp_files(data_dir) == []
 
 
 async def test_identical_content_is_kept_once(client: Any, data_dir: Path) -> None:
