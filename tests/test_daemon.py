@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import ROOT, Daemon, free_port, http_request, wait_until
 
 
@@ -188,3 +190,28 @@ def test_line_separators_cannot_split_a_journal_entry(daemon: Any, tmp_path: Pat
     lines = server.log().splitlines()        # splits on U+2028 too, as a journal reader may
     assert lines and all(re.match(r"<[0-7]>syncd", line) for line in lines), lines
     assert any("\\u2028<3>syncd: FORGED\\u2029<2>FORGED" in line for line in lines)
+
+
+def uvloop_installed() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("flag, loop", [
+    ("--uvloop", "uvloop"), ("--no-uvloop", "asyncio")])
+def test_the_event_loop_is_uvloop_when_installed_unless_turned_off(
+        daemon: Any, flag: str, loop: str) -> None:
+    if loop == "uvloop" and not uvloop_installed():
+        pytest.skip("uvloop is not installed (requirements-optional.txt)")
+    server = daemon(flag)
+    wait_until(lambda: "listening on" in server.log(), "the start-up line")
+    assert f"(event loop: {loop}" in server.log()
+    data = os.urandom(3_000_000)               # past the inline limit: sent with sendfile
+    assert request(server, "PUT", "/files/big.bin", data, {"X-Client-Id": "a"})[0] == 201
+    assert request(server, "GET", "/files/big.bin") == (200, data)
+    status, _, partial = http_request(server.port, "GET", "/files/big.bin",
+                                      headers={"Range": "bytes=1000000-1999999"})
+    assert status == 206 and partial == data[1_000_000:2_000_000]
