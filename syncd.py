@@ -68,7 +68,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import quote
 
 import aiohttp
@@ -94,6 +94,7 @@ RESERVED_NAMES = (STATE_DIR, CLIENT_STATE_DIR)   # no client path may name them
 CHUNK_SIZE = 1024 * 1024          # streaming unit for uploads and downloads
 READ_BUFFER = 1024 * 1024         # aiohttp's per-connection read buffer (its default: 64 KiB)
 INLINE_LIMIT = 64 * 1024          # downloads up to this size are read, not sendfile'd
+INCREMENTAL_MAX_CHANGES = 10_000  # a --once further behind the journal makes a full pass
 SPARE_TEMP_FILES = 16             # temp files made ahead for uploads (FileStore._refill)
 JSON_BODY_LIMIT = 64 * 1024 * 1024  # a /sync manifest of 100,000 entries is ~15 MB
 SYNC_SLOTS = 1                    # /sync manifests parsed and planned at once (memory, CPU)
@@ -5251,7 +5252,9 @@ class Refusal(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Answer and close (close() sends what is buffered first)."""
-        assert isinstance(transport, asyncio.WriteTransport)
+        # A cast, not an isinstance check: uvloop's transports are not asyncio's classes
+        # (the assert that stood here reset every refused connection on uvloop).
+        transport = cast(asyncio.WriteTransport, transport)
         transport.write(REFUSAL)
         transport.close()
 
@@ -5717,6 +5720,7 @@ class SyncClient:
         self.state = state
         self.rules = IgnoreRules(folder)
         self.lock = asyncio.Lock()      # one operation on the folder at a time
+        self.server_cursor = 0          # as /health last said
         self.progress = sys.stdout.isatty()
         self.session: Any = None
 
@@ -5738,6 +5742,38 @@ class SyncClient:
 
     # -- one full pass ------------------------------------------------------------
 
+    async def one_pass(self, full: bool) -> PassReport:
+        """--once: from our cursor when we can (the journal since, and what changed here:
+        no manifest), else, or when full, a full pass. A pass that left something
+        undone makes the next one full: the journal would not bring those back."""
+        async with self.lock:
+            self.rules = IgnoreRules(self.folder)   # .syncignore may have changed since
+        # Rules that changed may now take in server files the journal passed long ago.
+        rules = "\n".join(self.rules.patterns)
+        incremental = (not full and self.state.get("clean") == "1"
+                       and self.state.get("rules") == rules and not await self.check_server()
+                       and self.server_cursor - self.state.cursor <= INCREMENTAL_MAX_CHANGES)
+        if incremental:
+            client_log.info("pass=incremental since=%d", self.state.cursor)
+            await self.register()
+            report = await self.catch_up()
+        else:
+            client_log.info("pass=full")
+            report = await self.full_pass()
+        self.note_outcome(report)
+        self.state.put("rules", rules)
+        return report
+
+    def note_outcome(self, report: PassReport) -> None:
+        """Remember whether everything was done (one_pass trusts the journal only then)."""
+        self.state.put("clean", "0" if report.failed else "1")
+
+    async def register(self) -> None:
+        """POST /register: who we are."""
+        await self.call("POST", "/register", json={
+            "client_id": self.client_id, "name": socket.gethostname(),
+            "platform": sys.platform, "version": __version__})
+
     async def full_pass(self) -> PassReport:
         """Scan, push local deletions, /sync, and carry out the plan."""
         report = PassReport()
@@ -5750,9 +5786,7 @@ class SyncClient:
                 client_log.warning("skip path=%s reason=not-a-regular-file-or-valid-path", path)
             for path in self.vanished(bases, local, scan):
                 await self.push_delete(bases[path], report)
-            await self.call("POST", "/register", json={
-                "client_id": self.client_id, "name": socket.gethostname(),
-                "platform": sys.platform, "version": __version__})
+            await self.register()
             entries = [f.entry(bases.get(f.path)).to_json() for f in local.values()]
             status, plan = await self.call("POST", "/sync", json={
                 "client_id": self.client_id, "files": entries})
@@ -5825,6 +5859,7 @@ class SyncClient:
             health = await response.json()
         epoch, cursor = from_server(lambda: (str(health["epoch"]), int(health["cursor"])),
                                     "/health answer")
+        self.server_cursor = cursor
         known = self.state.get("epoch")
         if known is None:
             self.state.put("epoch", epoch)
@@ -6117,11 +6152,16 @@ class SyncClient:
                     await self.apply_remote(change, report)
             if not has_more:
                 break
-        bases = self.state.bases()
-        local, scan = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
-        changed = [path for path, f in local.items()
-                   if path not in bases or bases[path].checksum != f.checksum]
-        await self.push_paths(changed + self.vanished(bases, local, scan), report)
+        async with self.lock:
+            bases = self.state.bases()
+            local, scan = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
+            for path in scan.skipped:
+                client_log.warning("skip path=%s reason=not-a-regular-file-or-valid-path", path)
+            for path in self.vanished(bases, local, scan):
+                await self.push_delete(bases[path], report)
+            await self.push_files([f for path, f in sorted(local.items())
+                                   if path not in bases or bases[path].checksum != f.checksum],
+                                  report)
         return report
 
     @staticmethod
@@ -6148,6 +6188,7 @@ class SyncClient:
                     await self.apply_remote(change, report)
                 if report.failed:
                     client_log.warning("failed: %s", ", ".join(report.failed))
+                    self.note_outcome(report)
                     report.failed.clear()
 
     async def watch(self) -> None:
@@ -6170,6 +6211,8 @@ class SyncClient:
                 # The server is away: the catch-up after the reconnect pushes these.
                 client_log.warning("push-failed error=%s", exc or type(exc).__name__)
                 continue
+            if report.failed:
+                self.note_outcome(report)
             if report.uploaded or report.deleted_there or report.failed:
                 print(report.summary(), flush=True)
 
@@ -6189,10 +6232,12 @@ class SyncClient:
                         epoch = from_server(lambda: str(json.loads(hello.data)["epoch"]),
                                             "WebSocket hello")
                         if first or epoch != self.state.get("epoch"):
-                            print((await self.full_pass()).summary(), flush=True)
+                            report = await self.full_pass()
                             first = False
                         else:
-                            print((await self.catch_up()).summary(), flush=True)
+                            report = await self.catch_up()
+                        self.note_outcome(report)
+                        print(report.summary(), flush=True)
                         if watcher is None or watcher.done():
                             watcher = asyncio.ensure_future(self.watch())
                         delay = 1.0
@@ -6230,8 +6275,13 @@ def add_client_flags(parser: argparse.ArgumentParser) -> None:
     keys.add_argument("--api-key-file", metavar="PATH",
                       help="a file holding only the server's API key")
     parser.add_argument("--once", action="store_true",
-                        help="one full pass, then exit: 0, 1 if anything failed, 3 if most "
-                             "tracked files are gone (default: stay connected and live)")
+                        help="one pass, then exit: 0, 1 if anything failed, 3 if most "
+                             "tracked files are gone (default: stay connected and live). "
+                             "It starts from the last pass (the server's journal since, and "
+                             "what changed here) when that one did everything")
+    parser.add_argument("--full", action="store_true",
+                        help="with --once: a full pass (every file compared with the server) "
+                             "even when an incremental one would do")
     parser.add_argument("--accept-deletions", action="store_true",
                         help="push deletions even when most tracked files are gone "
                              "(default: refuse, exit 3)")
@@ -6252,7 +6302,7 @@ async def run_client(args: argparse.Namespace, api_key: str | None) -> int:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             client.session = session
             if args.once:
-                report = await client.full_pass()
+                report = await client.one_pass(full=args.full)
                 print(report.summary(), flush=True)
                 for failure in report.failed:
                     print(f"failed: {failure}", flush=True)

@@ -240,3 +240,58 @@ def test_small_files_go_up_a_hundred_at_a_time(clients: Clients) -> None:
     assert log.count("POST /bulk 200") == 2 and log.count("POST /upload 200") == 1
     clients.once("B")
     assert tree(b) == tree(a)
+
+
+def syncs(clients: Clients) -> int:
+    """How many POST /sync the server has answered (its access log)."""
+    return clients.server.log().count("POST /sync ")
+
+
+def test_once_after_a_clean_pass_reads_the_journal_not_the_whole_manifest(clients: Clients) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    for index in range(20):
+        write(a, f"d/{index}.txt", b"%d" % index)
+    clients.once("A")
+    clients.once("B")
+    assert syncs(clients) == 2                            # first passes: full
+    write(a, "d/3.txt", b"edited on A")
+    (a / "d" / "4.txt").unlink()
+    write(b, "new-on-b.txt", b"b")
+    assert "1 uploaded" in clients.once("A")
+    clients.once("B")
+    clients.once("A")
+    assert syncs(clients) == 2                            # incremental: the journal only
+    assert tree(a) == tree(b) and tree(b)["d/3.txt"] == b"edited on A" and "d/4.txt" not in tree(b)
+    assert tree(a)["new-on-b.txt"] == b"b"
+    clients.once("B", "--full")
+    assert syncs(clients) == 3
+
+
+def test_a_pass_that_left_something_undone_makes_the_next_one_full(clients: Clients) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    write(a, "first.txt", b"1")
+    clients.once("A")
+    clients.once("B")
+    write(a, "blocked.txt", b"cannot land on B yet")
+    clients.once("A")
+    write(b, "blocked.txt/inside", b"a folder where B must write the file")
+    output = clients.once("B", expect=1)
+    assert "blocked.txt" in output
+    (b / "blocked.txt" / "inside").unlink()
+    (b / "blocked.txt").rmdir()
+    before = syncs(clients)
+    clients.once("B")                 # full: the journal has moved past blocked.txt
+    assert syncs(clients) == before + 1 and tree(b)["blocked.txt"] == b"cannot land on B yet"
+
+
+def test_changed_ignore_rules_make_the_next_pass_full(clients: Clients) -> None:
+    a, b = clients.folder("A"), clients.folder("B")
+    write(a, "keep.txt", b"k")
+    write(a, "cache/big.bin", b"cached")
+    write(b, ".syncignore", b"cache/\n")
+    clients.once("A")
+    clients.once("B")
+    assert "cache/big.bin" not in tree(b)
+    (b / ".syncignore").write_bytes(b"# nothing ignored now\n")
+    clients.once("B")
+    assert tree(b)["cache/big.bin"] == b"cached"

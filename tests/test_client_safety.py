@@ -190,7 +190,7 @@ async def test_against_a_server_without_bulk_the_client_uploads_one_by_one(
     for index in range(3):
         write(folder, f"{index}.txt", b"%d" % index)
     args = argparse.Namespace(folder=str(folder), server=str(server.make_url("")),
-                              client_id="old", once=True, accept_deletions=False)
+                              client_id="old", once=True, full=False, accept_deletions=False)
     caplog.set_level("INFO", "syncd.client")
     assert await asyncio.wait_for(syncd.run_client(args, None), timeout=30) == 0
     assert (tmp_path / "data" / "2.txt").read_bytes() == b"2"
