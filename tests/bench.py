@@ -21,9 +21,17 @@ another port) and measures, each as the median of several runs with min and max:
  9. the cost of versions: 4 KiB overwrites (wrk, c=8, 100 paths over and over) and
     overwrites of the large file, against a second syncd with versions off
     (versions_max_age_days = 0) in the same run; and the disk versions take in an
-    editing scenario (documents edited, some deleted, a folder deleted).
+    editing scenario (documents edited, some deleted, a folder deleted);
+10. 4 KiB files through POST /bulk, 100 a request, 2 requests at a time (files/s);
+11. the reference client beside Syncthing (two instances on loopback, Debian's
+    syncthing) and rsync -a, on a tree of 2,000 x 4 KiB files in 20 folders and one
+    256 MiB file: the initial sync from A to an empty B, one new 4 KiB file A -> B
+    live (syncd: workload 8), and a --once (rsync: a run) after one change and with
+    nothing changed.
 
-nginx runs workloads 1-4 in the same run; the table shows syncd/nginx. Note
+nginx runs workloads 1-4 in the same run; the table shows syncd/nginx (workload 10
+against nginx's 4 KiB PUTs). Syncthing and rsync are optional like nginx: where they
+are missing their columns stay empty (Debian: apt-get install -y syncthing rsync). Note
 that nginx's PUT neither hashes nor fsyncs: syncd does both before it answers.
 """
 
@@ -515,6 +523,242 @@ def bench_live(work: Path, url: str, rounds: int) -> dict[str, Any]:
             process.wait(timeout=20)
 
 
+async def bulk_uploads(server: Server, seconds: float, batch: int, concurrency: int) -> dict[str, Any]:
+    """Workload 10: 4 KiB files through POST /bulk, `batch` a request, `concurrency`
+    requests at a time, for `seconds`; files/s (every file durable before its answer)."""
+    import aiohttp
+    filler = b"x" * (4096 - 16)
+    stored = 0
+    deadline = time.monotonic() + seconds
+
+    async def sender(lane: int, session: aiohttp.ClientSession) -> None:
+        nonlocal stored
+        number = 0
+        while time.monotonic() < deadline:
+            form = aiohttp.FormData()
+            form.add_field("client_id", "bench")
+            for _ in range(batch):
+                number += 1
+                path = f"bulk/{lane}/{number // 1000}/{number}.bin"
+                form.add_field("meta", json.dumps({"relative_path": path}),
+                               content_type="application/json")
+                form.add_field("file", b"%016d" % number + filler, filename="f")
+            async with session.post(f"{server.url}/bulk", data=form) as response:
+                body = await response.json()
+            if response.status != 200 or any(r["status"] not in (200, 201) for r in body["results"]):
+                raise SystemExit(f"bench: /bulk answered {response.status}: {str(body)[:200]}")
+            stored += batch
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(sender(lane, session) for lane in range(concurrency)))
+    return {"files_per_s": stored / (time.monotonic() - started), "files": stored}
+
+
+def bench_bulk(server: Server, rounds: int) -> dict[str, Any]:
+    runs = [asyncio.run(bulk_uploads(server, SMALL_SECONDS, 100, 2)) for _ in range(rounds)]
+    return {"files_per_s": summary([run["files_per_s"] for run in runs])}
+
+
+# -- the reference client beside Syncthing and rsync ------------------------------------
+
+def make_tree(folder: Path, files: int, big: int) -> dict[str, int]:
+    """`files` 4 KiB files in 20 folders and one file of `big` bytes; {path: size}."""
+    sizes = {}
+    for index in range(files):
+        path = f"folder{index % 20:02d}/file{index:05d}.bin"
+        target = folder / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(os.urandom(4096))
+        sizes[path] = 4096
+    with open(folder / "big.bin", "wb") as out:
+        for _ in range(big // (1 << 20)):
+            out.write(os.urandom(1 << 20))
+    sizes["big.bin"] = big
+    return sizes
+
+
+def has_tree(folder: Path, sizes: dict[str, int]) -> Callable[[], bool]:
+    def check() -> bool:
+        for path, size in sizes.items():
+            try:
+                if (folder / path).stat().st_size != size:
+                    return False
+            except FileNotFoundError:
+                return False
+        return True
+    return check
+
+
+def run_client(folder: Path, url: str, name: str, *extra: str) -> float:
+    """One `client --once` run; its seconds (process start included)."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(ROOT / "syncd.py"), "client", str(folder),
+                             "--server", url, "--client-id", name, "--once", *extra],
+                            capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise SystemExit(f"bench: client {name} failed: {result.stdout[-500:]}{result.stderr[-500:]}")
+    return time.monotonic() - started
+
+
+def bench_client_passes(work: Path, files: int, big: int, rounds: int) -> dict[str, Any]:
+    """Workload 11 for syncd: the initial sync of the tree from A to an empty B (A's
+    --once uploading, then B's downloading, both processes' start included); then in
+    the synced pair, A's --once after one 4 KiB file changed, and with nothing changed."""
+    server = start_syncd(work, "client-data", extra=("--max-file-size", "2GiB"))
+    try:
+        initial, one_change, nothing = [], [], []
+        for index in range(rounds):
+            a, b = work / f"syncd-A{index}", work / f"syncd-B{index}"
+            sizes = make_tree(a, files, big)
+            subprocess.run(["sync"], check=True)
+            started = time.monotonic()
+            run_client(a, server.url, f"a{index}")
+            run_client(b, server.url, f"b{index}")
+            initial.append(time.monotonic() - started)
+            if not has_tree(b, sizes)():
+                raise SystemExit("bench: B is not a copy of A after the initial sync")
+            run_client(a, server.url, f"a{index}")      # the pass after the first is full
+            (a / "folder03" / "file00003.bin").write_bytes(os.urandom(4096))
+            one_change.append(run_client(a, server.url, f"a{index}"))
+            nothing.append(run_client(a, server.url, f"a{index}"))
+            shutil.rmtree(a)
+            shutil.rmtree(b)
+    finally:
+        server.stop()
+    return {"initial_s": summary(initial), "one_change_s": summary(one_change),
+            "nothing_changed_s": summary(nothing)}
+
+
+def bench_rsync(work: Path, files: int, big: int, rounds: int) -> dict[str, Any] | None:
+    """rsync -a between two local folders: the initial copy, then after one change."""
+    if shutil.which("rsync") is None:
+        return None
+    initial, one_change, nothing = [], [], []
+    for index in range(rounds):
+        a, b = work / f"rsync-A{index}", work / f"rsync-B{index}"
+        make_tree(a, files, big)
+        subprocess.run(["sync"], check=True)
+        started = time.monotonic()
+        subprocess.run(["rsync", "-a", f"{a}/", f"{b}/"], check=True)
+        initial.append(time.monotonic() - started)
+        (a / "folder03" / "file00003.bin").write_bytes(os.urandom(4096))
+        started = time.monotonic()
+        subprocess.run(["rsync", "-a", f"{a}/", f"{b}/"], check=True)
+        one_change.append(time.monotonic() - started)
+        started = time.monotonic()
+        subprocess.run(["rsync", "-a", f"{a}/", f"{b}/"], check=True)
+        nothing.append(time.monotonic() - started)
+        shutil.rmtree(a)
+        shutil.rmtree(b)
+    return {"initial_s": summary(initial), "one_change_s": summary(one_change),
+            "nothing_changed_s": summary(nothing)}
+
+
+class Syncthing:
+    """Two Syncthing instances on loopback sharing one folder, A and B (Debian's syncthing;
+    no discovery, relays or NAT; fsWatcherDelayS 1, the smallest it allows)."""
+
+    def __init__(self, work: Path, a: Path, b: Path) -> None:
+        self.work, self.folders = work, {"A": a, "B": b}
+        self.homes = {name: work / f"st-home-{name}" for name in self.folders}
+        self.ports = {name: free_port() for name in self.folders}
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.ids = {name: self._generate(home) for name, home in self.homes.items()}
+        for name in self.folders:
+            self._configure(name)
+
+    @staticmethod
+    def _generate(home: Path) -> str:
+        result = subprocess.run(["syncthing", "generate", f"--home={home}", "--no-default-folder",
+                                 "--skip-port-probing"], capture_output=True, text=True, timeout=60)
+        for line in (result.stdout + result.stderr).splitlines():
+            if "Device ID:" in line:
+                return line.split("Device ID:")[1].strip()
+        raise SystemExit(f"bench: syncthing generate said {result.stdout}{result.stderr}")
+
+    def _configure(self, name: str) -> None:
+        import xml.etree.ElementTree as ET
+        peer = "B" if name == "A" else "A"
+        path = self.homes[name] / "config.xml"
+        root = ET.parse(path).getroot()
+        root.find("gui/address").text = f"127.0.0.1:{free_port()}"      # type: ignore[union-attr]
+        options = root.find("options")
+        assert options is not None
+        for key, value in (("listenAddress", f"tcp://127.0.0.1:{self.ports[name]}"),
+                           ("globalAnnounceEnabled", "false"), ("localAnnounceEnabled", "false"),
+                           ("relaysEnabled", "false"), ("natEnabled", "false"),
+                           ("urAccepted", "-1"), ("crashReportingEnabled", "false"),
+                           ("startBrowser", "false"), ("autoUpgradeIntervalH", "0"),
+                           ("reconnectionIntervalS", "1"), ("setLowPriority", "false")):
+            element = options.find(key)
+            if element is None:
+                element = ET.SubElement(options, key)
+            element.text = value
+        device = ET.SubElement(root, "device", id=self.ids[peer], name=peer, compression="never")
+        ET.SubElement(device, "address").text = f"tcp://127.0.0.1:{self.ports[peer]}"
+        folder = ET.Element("folder", id="bench", label="bench", path=str(self.folders[name]),
+                            type="sendreceive", rescanIntervalS="3600", fsWatcherEnabled="true",
+                            fsWatcherDelayS="1")
+        for member in (name, peer):
+            ET.SubElement(folder, "device", id=self.ids[member])
+        root.insert(0, folder)
+        ET.ElementTree(root).write(path)
+
+    def start(self) -> None:
+        for name, home in self.homes.items():
+            self.processes.append(subprocess.Popen(
+                ["syncthing", "serve", f"--home={home}", "--no-browser", "--no-restart",
+                 f"--logfile={self.work / f'syncthing-{name}.log'}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "STNOUPGRADE": "1", "STNORESTART": "1"}))
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def bench_syncthing(work: Path, files: int, big: int, rounds: int) -> dict[str, Any] | None:
+    """Syncthing's initial sync of the tree from A to an empty B (both processes' start
+    included), and one new 4 KiB file in A until it is whole in B, live."""
+    if shutil.which("syncthing") is None:
+        return None
+    initial, live = [], []
+    for index in range(rounds):
+        a, b = work / f"st-A{index}", work / f"st-B{index}"
+        sizes = make_tree(a, files, big)
+        b.mkdir()
+        for marker in (a, b):
+            (marker / ".stfolder").mkdir(exist_ok=True)
+        subprocess.run(["sync"], check=True)
+        (work / f"st-{index}").mkdir()
+        pair = Syncthing(work / f"st-{index}", a, b)
+        started = time.monotonic()
+        pair.start()
+        try:
+            wait_for(has_tree(b, sizes), 1800, "Syncthing's initial sync")
+            initial.append(time.monotonic() - started)
+            for round_ in range(5):
+                data = os.urandom(4096)
+                target = b / f"live-{round_}.bin"
+                started = time.monotonic()
+                (a / f"live-{round_}.bin").write_bytes(data)
+                wait_for(lambda: target.exists() and target.read_bytes() == data, 60,
+                         "Syncthing's live sync")
+                live.append(time.monotonic() - started)
+                time.sleep(0.5)
+        finally:
+            pair.stop()
+        shutil.rmtree(a)
+        shutil.rmtree(b)
+    return {"initial_s": summary(initial), "live_ms": summary([s * 1000 for s in live])}
+
+
 # -- the run --------------------------------------------------------------------------
 
 def ratio(ours: float, theirs: float | None) -> str:
@@ -546,6 +790,9 @@ def print_table(results: dict[str, Any]) -> None:
               n.get("small", {}).get("upload_files_per_s")))
     print(row("4 KiB downloads, c=8", s["small"]["download_files_per_s"], "files/s",
               n.get("small", {}).get("download_files_per_s")))
+    if "bulk" in s:
+        print(row("4 KiB files via /bulk (100 a request, c=2)", s["bulk"]["files_per_s"],
+                  "files/s", n.get("small", {}).get("upload_files_per_s")))
     if "sync" in s:
         print(row(f"/sync, {entries:,} entries", s["sync"]["seconds"], "s"))
         print(row("  extra RSS during /sync", s["sync"]["extra_rss_mb"], "MB"))
@@ -562,6 +809,37 @@ def print_table(results: dict[str, Any]) -> None:
     if "live" in s:
         print(row("live client: write on A -> bytes on B", s["live"]["ms"], "ms"))
     print_versions(results)
+    print_clients(results)
+
+
+def print_clients(results: dict[str, Any]) -> None:
+    """Workload 11's lines: the reference client beside Syncthing and rsync."""
+    client = results["syncd"].get("client")
+    if client is None:
+        return
+    syncthing, rsync = results.get("syncthing") or {}, results.get("rsync") or {}
+    live = results["syncd"].get("live")
+
+    def cell(figures: dict[str, Any], key: str) -> str:
+        return f"{figures[key]['median']:10.2f}" if key in figures else f"{'-':>10}"
+
+    def vs(ours: dict[str, Any], key: str, theirs: dict[str, Any], their_key: str) -> str:
+        if key not in ours or their_key not in theirs:
+            return f"{'-':>9}"
+        return f"{ours[key]['median'] / theirs[their_key]['median']:8.2f}x"
+    print(f"\nthe reference client ({results['tree']}; medians, seconds unless marked)")
+    print(f"{'':46} {'syncd':>10} {'Syncthing':>10} {'rsync -a':>10} {'/Syncthing':>10} {'/rsync':>9}")
+    print(f"{'initial sync A -> empty B':46} {cell(client, 'initial_s')} "
+          f"{cell(syncthing, 'initial_s')} {cell(rsync, 'initial_s')} "
+          f"{vs(client, 'initial_s', syncthing, 'initial_s'):>10} {vs(client, 'initial_s', rsync, 'initial_s')}")
+    if live:
+        print(f"{'one new 4 KiB file A -> B, live (ms)':46} {live['ms']['median']:10.1f} "
+              f"{cell(syncthing, 'live_ms')} {'-':>10} "
+              f"{vs({'ms': live['ms']}, 'ms', syncthing, 'live_ms'):>10} {'-':>9}")
+    for key, label in (("one_change_s", "--once after one 4 KiB change"),
+                       ("nothing_changed_s", "--once with nothing changed")):
+        print(f"{label:46} {cell(client, key)} {'-':>10} {cell(rsync, key)} {'-':>10} "
+              f"{vs(client, key, rsync, key)}")
 
 
 def print_versions(results: dict[str, Any]) -> None:
@@ -588,7 +866,7 @@ def main() -> int:
                              "200 WebSocket clients: a smoke run")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--skip", default="",
-                        help="comma-separated: sync,fanout,live,nginx,versions")
+                        help="comma-separated: sync,fanout,live,nginx,versions,bulk,clients")
     parser.add_argument("--only", default="",
                         help="comma-separated workloads to run alone: versions")
     args = parser.parse_args()
@@ -625,6 +903,8 @@ def main() -> int:
             results["syncd"]["multipart"] = bench_large(server, big, args.rounds, multipart=True)
             results["syncd"]["download"] = bench_download(server, size, args.rounds)
             results["syncd"]["small"] = bench_small(server, work, args.rounds)
+            if "bulk" not in skip:
+                results["syncd"]["bulk"] = bench_bulk(server, args.rounds)
             if "fanout" not in skip:
                 results["syncd"]["fan_out"] = asyncio.run(fan_out(server, fan_clients, 30))
         finally:
@@ -639,6 +919,12 @@ def main() -> int:
             results["syncd"]["sync"] = bench_sync_manifest(work, entries, args.rounds)
         if "versions" not in skip:
             results["syncd"]["versions"] = bench_versions(work, big, args.rounds)
+        if "clients" not in skip:
+            files, tree_big = (200, 16 << 20) if args.quick else (2000, 256 << 20)
+            results["tree"] = f"{files:,} x 4 KiB in 20 folders + {tree_big >> 20} MiB"
+            results["syncd"]["client"] = bench_client_passes(work, files, tree_big, args.rounds)
+            results["rsync"] = bench_rsync(work, files, tree_big, args.rounds)
+            results["syncthing"] = bench_syncthing(work, files, tree_big, args.rounds)
         nginx = None if "nginx" in skip else start_nginx(work)
         if nginx is not None:
             try:
