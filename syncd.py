@@ -1232,6 +1232,19 @@ class Transaction(abc.ABC):
         """The limit oldest versions (by time)."""
 
     @abc.abstractmethod
+    async def move_versions(self, source: str, target: str) -> None:
+        """The kept versions of source become target's (a moved file keeps its history)."""
+
+    @abc.abstractmethod
+    async def note_move(self, source: str, target: str, client_id: str) -> None:
+        """Record that source is about to be renamed to target on disk (committed before the
+        rename: start-up recovery finishes or forgets a move a crash cut short)."""
+
+    @abc.abstractmethod
+    async def forget_move(self, source: str) -> None:
+        """The move of source is journalled, or undone: no longer pending."""
+
+    @abc.abstractmethod
     async def versions_with(self, checksums: Iterable[str]) -> list[tuple[str, int]]:
         """The (path, revision) of every version of these contents."""
 
@@ -1314,6 +1327,10 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def changes_since(self, since: int, limit: int) -> tuple[list[Change], int, bool]:
         """Journal entries with seq > since (at most limit), the cursor, and whether more wait."""
+
+    @abc.abstractmethod
+    async def pending_moves(self) -> list[tuple[str, str, str]]:
+        """(source, target, client_id) of the moves noted but not finished."""
 
     @abc.abstractmethod
     async def register_client(self, client_id: str, name: str | None,
@@ -1417,6 +1434,12 @@ CREATE TABLE IF NOT EXISTS blobs (
     checksum      TEXT PRIMARY KEY,
     size          INTEGER NOT NULL,
     refs          INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS moves (
+    source        TEXT PRIMARY KEY,
+    target        TEXT NOT NULL,
+    client_id     TEXT NOT NULL,
+    time          REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS clients (
     client_id     TEXT PRIMARY KEY,
@@ -1582,6 +1605,20 @@ class SQLiteTransaction(Transaction):
             f"SELECT {VERSION_COLUMNS} FROM versions ORDER BY time, path LIMIT ?", (limit,))
         return [Version(*row) for row in rows]
 
+    async def move_versions(self, source: str, target: str) -> None:
+        """The kept versions of source become target's."""
+        await self.flush()
+        await self.db.execute("UPDATE versions SET path = ? WHERE path = ?", (target, source))
+
+    async def note_move(self, source: str, target: str, client_id: str) -> None:
+        """Record a move about to happen on disk."""
+        await self.db.execute("INSERT OR REPLACE INTO moves (source, target, client_id, time)"
+                              " VALUES (?, ?, ?, ?)", (source, target, client_id, time.time()))
+
+    async def forget_move(self, source: str) -> None:
+        """The move of source is no longer pending."""
+        await self.db.execute("DELETE FROM moves WHERE source = ?", (source,))
+
     async def versions_with(self, checksums: Iterable[str]) -> list[tuple[str, int]]:
         """The (path, revision) of every version of these contents."""
         await self.flush()
@@ -1722,6 +1759,12 @@ class SQLiteStore(MetadataStore):
             cursor = await self._read_cursor(db)
         changes = [Change(*row) for row in rows[:limit]]
         return changes, cursor, len(rows) > limit
+
+    async def pending_moves(self) -> list[tuple[str, str, str]]:
+        """The moves noted but not finished."""
+        rows = await self.reader.execute_fetchall(
+            "SELECT source, target, client_id FROM moves ORDER BY time")
+        return [(row[0], row[1], row[2]) for row in rows]
 
     async def register_client(self, client_id: str, name: str | None,
                               platform: str | None, version: str | None) -> bool:
@@ -2189,6 +2232,55 @@ class FileStore:
                     log.exception("could not undo the rename of %s", swap.path)
             raise
         return swaps
+
+    def rename(self, source: str, target: str) -> None:
+        """Move a file or a folder within the tree, making target's folders, and fsync both
+        folders. FolderBlocked when something is at target on disk (an empty folder
+        excepted, which a folder replaces) or a file is where one of its folders must go;
+        FileNotFoundError when source is not on disk. Empty folders left at the source are
+        removed."""
+        *source_folders, source_name = source.split("/")
+        *target_folders, target_name = target.split("/")
+        from_fd = self._walk(source_folders, create=False)
+        try:
+            moving = os.stat(source_name, dir_fd=from_fd, follow_symlinks=False)
+            to_fd = self._walk(target_folders, create=True)
+            try:
+                try:
+                    there = os.stat(target_name, dir_fd=to_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    there = None
+                if there is not None and not (stat.S_ISDIR(there.st_mode)
+                                              and stat.S_ISDIR(moving.st_mode)):
+                    raise FolderBlocked(target)
+                try:
+                    os.rename(source_name, target_name, src_dir_fd=from_fd, dst_dir_fd=to_fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                        raise FolderBlocked(target) from None
+                    raise
+                os.fsync(to_fd)
+            finally:
+                os.close(to_fd)
+            os.fsync(from_fd)
+        finally:
+            os.close(from_fd)
+        self._prune(source_folders)
+
+    def lexists(self, path: str) -> bool:
+        """Whether anything is at path (a symlink is not followed)."""
+        *folders, name = path.split("/")
+        try:
+            parent = self._walk(folders, create=False)
+        except (FileNotFoundError, FolderBlocked):
+            return False
+        try:
+            os.stat(name, dir_fd=parent, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(parent)
 
     def sync_folders(self, paths: Iterable[str]) -> None:
         """fsync the folder of each path once (the renames of a group commit)."""
@@ -3160,6 +3252,7 @@ class Metrics:
         self.uploads = Counter("syncd_uploads", "Uploads stored as a new revision.",
                                registry=registry)
         self.deletes = Counter("syncd_deletes", "Files deleted.", registry=registry)
+        self.moves = Counter("syncd_moves", "Files moved (POST /move).", registry=registry)
         self.prunes = Counter("syncd_version_prunes", "Versions removed by retention or to "
                               "free space.", registry=registry)
         ProcessCollector(registry=registry)
@@ -3370,6 +3463,7 @@ class Tree:
             removed = self.files.prepare()
             await self.store.open()
             try:
+                await self.finish_moves()
                 recovery = await recover(self.store, self.files, accept_deletions)
             except BaseException:
                 await self.store.close()
@@ -3689,6 +3783,128 @@ class Tree:
         self.metrics.deletes.inc(count)
         await asyncio.to_thread(self.files.finish_removals, removals)
 
+    # -- moves -------------------------------------------------------------------
+
+    async def move(self, source: str, target: str, client_id: str,
+                   pre: Precondition) -> tuple[int, int]:
+        """Rename a file, or a folder with every file in it, without their bytes moving;
+        (files moved, last revision). Each file's journal is an upsert of its new path,
+        then a delete of its old one; its kept versions follow it.
+
+        Crash-safe in three steps under the write lock: the move is noted (committed),
+        the tree is renamed on disk (one rename, fsynced), then the journal and the note's
+        removal are committed. Start-up recovery finishes a noted move found done on
+        disk, and forgets one that is not (finish_moves)."""
+        return await self.background.shielded(self._move(source, target, client_id, pre))
+
+    async def _move(self, source: str, target: str, client_id: str,
+                    pre: Precondition) -> tuple[int, int]:
+        if target == source or target.startswith(source + "/"):
+            raise InvalidRequest(f"{source} cannot move to {target}, inside itself")
+        async with self._locked():
+            moves = self._plan_move(source, target, pre)
+            async with self.store.transaction() as tx:
+                await tx.note_move(source, target, client_id)
+            try:
+                await asyncio.to_thread(self.files.rename, source, target)
+            except BaseException as exc:
+                await self._forget_move(source)
+                if isinstance(exc, FolderBlocked):
+                    raise PathBlocked(target, f"{exc} is in the way on disk") from None
+                raise
+            try:
+                async with self.store.transaction() as tx:
+                    tx.undo.append(lambda: self.files.rename(target, source))
+                    last = await self._journal_move(tx, moves, client_id)
+                    await tx.forget_move(source)
+            except BaseException:
+                await self._forget_move(source)
+                raise
+        log.info("moved %s to %s (%d file(s), revision %d) for %s", source, target, len(moves),
+                 last, client_id)
+        self.metrics.moves.inc(len(moves))
+        return len(moves), last
+
+    def _plan_move(self, source: str, target: str,
+                   pre: Precondition) -> list[tuple[FileRecord, str]]:
+        """What a move would do, (live record, new path) for each file; or why it cannot:
+        NotFound (nothing live at source), Conflict (something at target, a stale base, a
+        precondition on a folder), PathBlocked or CaseConflict (a new path's checks, made
+        as though the old paths were gone already: photos -> Photos is allowed)."""
+        index = self.store.index
+        current = index.get(source)
+        if current is not None and not current.deleted:
+            check_precondition(pre, current)
+            records = [current]
+        else:
+            records = index.live_under(source, folder=True)
+            if not records:
+                raise NotFound(f"no file or folder at {source}")
+            if pre.is_set():
+                raise Conflict(f"{source} is a folder: a precondition applies to a single file",
+                               None)
+        there = index.get(target)
+        if there is not None and not there.deleted:
+            raise Conflict(f"{target} exists", there)
+        if index.files_in(target):
+            raise Conflict(f"{target} is a folder on the server", None)
+        after = PendingIndex(index)
+        for record in records:
+            after.put(record._replace(deleted=True))
+        moves = []
+        for record in records:
+            new_path = target + record.path[len(source):]
+            check_writable(after, new_path, self.config.allow_case_clash)
+            after.put(record._replace(path=new_path))
+            moves.append((record, new_path))
+        return moves
+
+    async def _journal_move(self, tx: Transaction, moves: Sequence[tuple[FileRecord, str]],
+                            client_id: str) -> int:
+        """In tx: each moved file's upsert at its new path, its old path's delete, its versions
+        carried over, and the events after the commit; the last seq."""
+        hub = self.hub
+        for record, new_path in moves:
+            moved = await tx.record_upsert(new_path, record.checksum, record.size,
+                                           record.modified_time, client_id, record.mtime_ns)
+            tomb = await tx.record_delete(record, client_id)
+            await tx.move_versions(record.path, new_path)
+            tx.after_commit.append(lambda moved=moved: hub.publish(file_changed_event(moved),
+                                                                   client_id))
+            tx.after_commit.append(lambda tomb=tomb: hub.publish(file_deleted_event(tomb),
+                                                                 client_id))
+        return tx.last_seq
+
+    async def _forget_move(self, source: str) -> None:
+        """Drop a move's note after it failed (if even that fails, start-up recovery will)."""
+        try:
+            async with self.store.transaction() as tx:
+                await tx.forget_move(source)
+        except Exception as exc:
+            if self.failure(exc) is None:
+                raise
+            log.error("could not forget the failed move of %s: %s", source, exc)
+
+    async def finish_moves(self) -> None:
+        """At start, before recovery looks for vanished files: a move noted but not journalled
+        is journalled if its rename is on disk (only the target there), else forgotten."""
+        for source, target, client_id in await self.store.pending_moves():
+            renamed = await asyncio.to_thread(
+                lambda: self.files.lexists(target) and not self.files.lexists(source))
+            moves = []
+            if renamed:
+                index = self.store.index
+                current = index.get(source)
+                records = ([current] if current is not None and not current.deleted
+                           else index.live_under(source, folder=True))
+                moves = [(record, target + record.path[len(source):]) for record in records]
+            async with self.store.transaction() as tx:
+                if moves:
+                    await self._journal_move(tx, moves, client_id)
+                await tx.forget_move(source)
+            log.warning("recovery: the move of %s to %s was cut short: %s", source, target,
+                        f"finished ({len(moves)} file(s))" if renamed else "not made")
+
     # -- versions: restore, removal, retention ------------------------------------
 
     async def restore(self, path: str, revision: int, client_id: str,
@@ -3840,17 +4056,23 @@ class Tree:
             await asyncio.sleep(1.0 if pruned >= PRUNE_BATCH else PRUNE_INTERVAL)
 
     @contextlib.asynccontextmanager
-    async def _writing(self) -> AsyncIterator[Transaction]:
-        """A store transaction that may rename in the tree: the seqlock's writer side."""
+    async def _locked(self) -> AsyncIterator[None]:
+        """The write lock, with the seqlock odd: the writer side of downloads' check."""
         async with self._write_lock:
             self._writes += 1
             try:
-                async with self.store.transaction() as tx:
-                    yield tx
-                if tx.gone_blobs:    # under the lock: no write may link that content meanwhile
-                    await asyncio.to_thread(self.files.remove_blobs, tx.gone_blobs)
+                yield
             finally:
                 self._writes += 1
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[Transaction]:
+        """A store transaction that may rename in the tree, under the write lock."""
+        async with self._locked():
+            async with self.store.transaction() as tx:
+                yield tx
+            if tx.gone_blobs:    # under the lock: no write may link that content meanwhile
+                await asyncio.to_thread(self.files.remove_blobs, tx.gone_blobs)
 
     # -- reads -------------------------------------------------------------------
 
@@ -4703,6 +4925,27 @@ async def handle_delete_file(request: web.Request) -> web.Response:
                           "revision": revision})
 
 
+async def handle_move(request: web.Request) -> web.Response:
+    """POST /move {"client_id", "from", "to", "base_checksum"?}: rename a file or a folder."""
+    tree = state_of(request).tree
+    data = await read_json_object(request)
+    client_id = note_client(request, validate_client_id(data.get("client_id")))
+    paths = []
+    for key in ("from", "to"):
+        raw = data.get(key)
+        if not isinstance(raw, str):
+            raise invalid_request(f"{key} must be a path")
+        try:
+            paths.append(validate_path(raw))
+        except InvalidPath as exc:
+            raise InvalidPath(f"{key}: {exc.message}") from None
+    base = data.get("base_checksum")
+    pre = Precondition(base_checksum=None if base is None else validate_checksum(
+        base, "base_checksum", allow_empty=False))
+    moved, cursor = await tree.move(paths[0], paths[1], client_id, pre)
+    return json_response({"success": True, "moved": moved, "cursor": cursor})
+
+
 async def handle_download(request: web.Request) -> web.StreamResponse:
     """GET/HEAD /download/{path} and /files/{path}: the file's bytes (?revision=N: that
     revision's, kept as a version or live)."""
@@ -5109,6 +5352,7 @@ def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
     app.router.add_post("/sync", handle_sync)
     app.router.add_post("/upload", handle_upload)
     app.router.add_post("/bulk", handle_bulk)
+    app.router.add_post("/move", handle_move)
     app.router.add_get("/files", handle_list_files)
     app.router.add_put("/files/{path:.*}", handle_put_file)
     app.router.add_get("/files/{path:.*}", handle_download)     # HEAD too

@@ -151,3 +151,59 @@ def test_kill_9_mid_group_commit_keeps_every_acknowledged_upload(daemon: Any) ->
         server.process.kill()
         server.process.wait(timeout=10)
     assert any(count < 64 for count in outcomes), outcomes     # a kill landed mid-way
+
+
+def test_kill_9_mid_move_of_a_folder_leaves_each_file_at_one_of_its_paths(daemon: Any) -> None:
+    """A folder of 1,000 files moved back and forth, the daemon killed at a random moment:
+    after the restart every file is whole at exactly one of its two paths, and the
+    database lists exactly what is on disk."""
+    rng = random.Random(20261207)
+    server = daemon()
+    files = {f"{index:04d}.bin": b"file %d " % index * 8 for index in range(1000)}
+    for start in range(0, 1000, 250):
+        boundary = "b0undary"
+        parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"client_id\"\r\n\r\na\r\n"
+                 .encode()]
+        for name in list(files)[start:start + 250]:
+            parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"meta\"\r\n"
+                         f"Content-Type: application/json\r\n\r\n"
+                         f"{json.dumps({'relative_path': f'here/{name}'})}\r\n".encode())
+            parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+                         f"filename=\"f\"\r\n\r\n".encode() + files[name] + b"\r\n")
+        parts.append(f"--{boundary}--\r\n".encode())
+        status, _, _ = request(server.port, "POST", "/bulk", b"".join(parts),
+                               {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert status == 200
+    where = "here"
+    for round_ in range(4):
+        def mover() -> None:
+            nonlocal where
+            for _ in range(50):       # bounded: the kill comes first
+                target = "there" if where == "here" else "here"
+                status, _, _ = request(server.port, "POST", "/move", json.dumps(
+                    {"client_id": "a", "from": where, "to": target}).encode(),
+                    {"Content-Type": "application/json"})
+                if status != 200:
+                    return
+                where = target
+        with ThreadPoolExecutor(1) as pool:
+            moving = pool.submit(mover)
+            time.sleep(rng.uniform(0.01, 0.3))
+            server.process.kill()
+            server.process.wait(timeout=10)
+            moving.exception(timeout=30)    # the connection dropped: it stops
+        server = daemon()
+        server.recovered()
+        listed = {f["path"]: f["checksum"] for f in
+                  json.loads(request(server.port, "GET", "/files")[2])["files"]}
+        on_disk = {}
+        for folder in ("here", "there"):
+            if (server.data / folder).is_dir():
+                for name in os.listdir(server.data / folder):
+                    on_disk[f"{folder}/{name}"] = (server.data / folder / name).read_bytes()
+        assert sorted(listed) == sorted(on_disk), f"round {round_}: database and disk differ"
+        assert sorted(path.split("/", 1)[1] for path in on_disk) == sorted(files)
+        assert all(on_disk[path] == files[path.split("/", 1)[1]] and
+                   listed[path] == sha(on_disk[path]) for path in on_disk)
+        where = next(iter(on_disk)).split("/")[0]
+        assert "refusing to start" not in server.log()
