@@ -3818,7 +3818,11 @@ class Tree:
                     last = await self._journal_move(tx, moves, client_id)
                     await tx.forget_move(source)
             except BaseException:
-                await self._forget_move(source)
+                if await asyncio.to_thread(self._moved_back, source, target):
+                    await self._forget_move(source)
+                else:      # the note stays: the next start finishes the move
+                    log.error("the move of %s to %s failed and could not be undone on disk: "
+                              "it is finished at the next start", source, target)
                 raise
         log.info("moved %s to %s (%d file(s), revision %d) for %s", source, target, len(moves),
                  last, client_id)
@@ -3875,6 +3879,10 @@ class Tree:
                                                                  client_id))
         return tx.last_seq
 
+    def _moved_back(self, source: str, target: str) -> bool:
+        """Whether the tree is as before a move (source there, target not)."""
+        return self.files.lexists(source) and not self.files.lexists(target)
+
     async def _forget_move(self, source: str) -> None:
         """Drop a move's note after it failed (if even that fails, start-up recovery will)."""
         try:
@@ -3889,8 +3897,7 @@ class Tree:
         """At start, before recovery looks for vanished files: a move noted but not journalled
         is journalled if its rename is on disk (only the target there), else forgotten."""
         for source, target, client_id in await self.store.pending_moves():
-            renamed = await asyncio.to_thread(
-                lambda: self.files.lexists(target) and not self.files.lexists(source))
+            renamed = await asyncio.to_thread(self._moved_back, target, source)
             moves = []
             if renamed:
                 index = self.store.index

@@ -192,3 +192,26 @@ async def test_start_up_finishes_a_move_cut_short_or_forgets_it(
             ("upsert", "new/place/0"), ("delete", "big/0")]
     db = sqlite3.connect(data_dir / ".syncd" / "syncd.db")
     assert db.execute("SELECT COUNT(*) FROM moves").fetchone() == (0,)
+
+
+async def test_a_move_that_cannot_be_undone_is_finished_at_the_next_start(
+        app_client: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = await app_client()
+    await put(client, "dir/a", b"a")
+    real_rename = syncd.FileStore.rename
+
+    def rename_once(self: Any, source: str, target: str) -> None:
+        if source == "moved":
+            raise OSError(5, "Input/output error")        # the undo fails
+        real_rename(self, source, target)
+
+    async def failing(*args: Any) -> None:
+        raise syncd.sqlite3.OperationalError("disk I/O error")
+    monkeypatch.setattr(syncd.FileStore, "rename", rename_once)
+    monkeypatch.setattr(syncd.SQLiteTransaction, "move_versions", failing)
+    assert (await move(client, "dir", "moved")).status == 500
+    monkeypatch.undo()
+    await client.close()
+    assert on_disk(data_dir) == {"moved/a": b"a"}
+    client = await app_client()
+    assert await listing(client) == {"moved/a": sha(b"a")}
