@@ -5696,6 +5696,7 @@ CREATE TABLE IF NOT EXISTS base (
     size     INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS base_by_checksum ON base (checksum);
 """
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024   # a progress bar for transfers at least this large
 BULK_FILES = 100                       # small files per POST /bulk
@@ -5785,13 +5786,18 @@ class PassReport:
     deleted_here: int = 0
     deleted_there: int = 0
     conflicts: int = 0
+    moves: int = 0           # POST /move requests that succeeded
+    moved: int = 0           # the files they moved
+    copied_here: int = 0     # downloads made from content this folder had already
     failed: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line."""
-        return (f"sync pass: {self.uploaded} uploaded, {self.downloaded} downloaded, "
-                f"{self.deleted_here} deleted here, {self.deleted_there} deleted on the server, "
-                f"{self.conflicts} conflicts, {len(self.failed)} failed")
+        moved = f"{self.moves} moved ({self.moved} files), " if self.moves else ""
+        copied = f" ({self.copied_here} from local copies)" if self.copied_here else ""
+        return (f"sync pass: {moved}{self.uploaded} uploaded, {self.downloaded} downloaded"
+                f"{copied}, {self.deleted_here} deleted here, {self.deleted_there} deleted on "
+                f"the server, {self.conflicts} conflicts, {len(self.failed)} failed")
 
 
 class ClientState:
@@ -5840,6 +5846,12 @@ class ClientState:
         row = self.db.execute("SELECT path, checksum, size, mtime_ns FROM base WHERE path = ?",
                               (path,)).fetchone()
         return LocalFile(*row) if row else None
+
+    def with_checksum(self, checksum: str) -> list[LocalFile]:
+        """The bases with this content."""
+        return [LocalFile(*row) for row in self.db.execute(
+            "SELECT path, checksum, size, mtime_ns FROM base WHERE checksum = ? ORDER BY path",
+            (checksum,))]
 
     def set_base(self, local: LocalFile) -> None:
         """Record that the server and this folder agree on local."""
@@ -5933,6 +5945,61 @@ def scan_folder(folder: Path, rules: IgnoreRules,
         if local is not None:
             found[path] = local
     return found, scan
+
+
+def find_moves(gone: Mapping[str, LocalFile],
+               fresh: Mapping[str, LocalFile]) -> list[tuple[str, str]]:
+    """(old, new) for each tracked file gone whose content (checksum and size) appeared
+    at a new path: a rename. Among several candidates, one with the same name first."""
+    by_content: dict[tuple[str, int], list[str]] = {}
+    for path, found in sorted(fresh.items()):
+        by_content.setdefault((found.checksum, found.size), []).append(path)
+    pairs = []
+    for old, base in sorted(gone.items()):
+        candidates = by_content.get((base.checksum, base.size))
+        if not candidates:
+            continue
+        name = old.rpartition("/")[2]
+        pick = next((path for path in candidates if path.rpartition("/")[2] == name),
+                    candidates[0])
+        candidates.remove(pick)
+        pairs.append((old, pick))
+    return pairs
+
+
+def renamed_folder(old: str, new: str) -> tuple[str, str] | None:
+    """The folders a rename of old to new may belong to: what is left of both once the
+    names they end with in common are taken off (photos/2023/a.jpg ->
+    photos/archive-2023/a.jpg: photos/2023 -> photos/archive-2023); None if nothing is."""
+    old_names, new_names = old.split("/"), new.split("/")
+    common = 0
+    while (common < min(len(old_names), len(new_names)) - 1
+           and old_names[-1 - common] == new_names[-1 - common]):
+        common += 1
+    if common == 0:
+        return None
+    return "/".join(old_names[:-common]), "/".join(new_names[:-common])
+
+
+def plan_moves(pairs: Sequence[tuple[str, str]],
+               tracked: Iterable[str]) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """The POST /move requests for these renames: (from, to, the renames it makes). A
+    folder every tracked file of which moved the same way is one move; any other
+    rename is a move of its own file."""
+    tracked = list(tracked)
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for pair in pairs:
+        folders = renamed_folder(*pair)
+        if folders is not None:
+            groups.setdefault(folders, []).append(pair)
+    requests, covered = [], set()
+    for (source, target), members in sorted(groups.items()):
+        inside = sum(1 for path in tracked if path.startswith(source + "/"))
+        if inside == len(members) and not target.startswith(source + "/"):
+            requests.append((source, target, members))
+            covered.update(old for old, _ in members)
+    requests.extend((old, new, [(old, new)]) for old, new in pairs if old not in covered)
+    return requests
 
 
 def conflict_name(path: str, client_id: str, when: float, exists: Callable[[str], bool]) -> str:
@@ -6035,6 +6102,7 @@ class SyncClient:
             local, scan = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
             for path in scan.skipped:
                 client_log.warning("skip path=%s reason=not-a-regular-file-or-valid-path", path)
+            bases = await self.push_renames(bases, local, scan, report)
             for path in self.vanished(bases, local, scan):
                 await self.push_delete(bases[path], report)
             await self.register()
@@ -6059,7 +6127,9 @@ class SyncClient:
         for path, entry in self.planned(plan, "download", report):
             planned.add(path)
             modified_time = from_server(lambda: float(entry["modified_time"]), "/sync answer")
-            await self.pull(path, modified_time, report, scanned=local.get(path))
+            checksum = entry.get("checksum")
+            await self.pull(path, modified_time, report, scanned=local.get(path),
+                            checksum=checksum if isinstance(checksum, str) else None)
         for path, _ in self.planned(plan, "delete", report):
             planned.add(path)
             self.delete_here(path, local.get(path), report)
@@ -6085,6 +6155,44 @@ class SyncClient:
             f"{self.folder} (an unmounted folder?): not pushing their deletion. If they "
             "were deleted on purpose, run once with --accept-deletions."))
         return missing
+
+    async def push_renames(self, bases: dict[str, LocalFile], local: Mapping[str, LocalFile],
+                           scan: TreeScan, report: PassReport) -> dict[str, LocalFile]:
+        """Renames made here while we were not looking, as POST /move (no bytes sent): a
+        tracked file gone whose content is at an untracked path. The bases afterwards."""
+        gone = {path: base for path, base in bases.items()
+                if path not in local and not scan.hides(path) and not self.rules.ignored(path)}
+        fresh = {path: found for path, found in local.items() if path not in bases}
+        if gone and fresh and await self.push_moves(gone, fresh, bases, report):
+            return self.state.bases()
+        return bases
+
+    async def push_moves(self, gone: Mapping[str, LocalFile], fresh: Mapping[str, LocalFile],
+                         bases: Mapping[str, LocalFile], report: PassReport) -> bool:
+        """POST /move for each rename found between gone and fresh (a whole folder at once
+        when all its tracked files moved together); each moved file's base follows it. A
+        move the server refuses (changed there, taken) is left to the upload and delete
+        that follow. Whether anything moved."""
+        tracked = [path for path in bases if not self.rules.ignored(path)]
+        moved_any = False
+        for source, target, renames in plan_moves(find_moves(gone, fresh), tracked):
+            body: dict[str, Any] = {"client_id": self.client_id, "from": source, "to": target}
+            if renames == [(source, target)]:
+                body["base_checksum"] = gone[source].checksum
+            status, answer = await self.call("POST", "/move", json=body)
+            if status != 200:
+                client_log.info("move-refused from=%s to=%s status=%d: %s", source, target,
+                                status, answer.get("message") if isinstance(answer, dict)
+                                else answer)
+                continue
+            for old, new in renames:
+                self.state.drop_base(old)
+                self.state.set_base(fresh[new])
+            report.moves += 1
+            report.moved += len(renames)
+            moved_any = True
+            client_log.info("move-remote from=%s to=%s files=%d", source, target, len(renames))
+        return moved_any
 
     def planned(self, plan: Mapping[str, Any], key: str, report: PassReport) -> list[Any]:
         """The entries of one list of a /sync plan whose path is valid and not ignored
@@ -6261,6 +6369,28 @@ class SyncClient:
             raise ClientError(f"download of {path} does not match its checksum")
         return temp, expected, received
 
+    def copy_local(self, source: LocalFile, checksum: str) -> tuple[Path, str, int] | None:
+        """A copy of a tracked file into tmp/, if it is still its base's content and hashes
+        to checksum (checked on the copy itself); None otherwise."""
+        if local_file(self.folder, source.path, source) != source:
+            return None                            # changed here since: not that content
+        temp = self.state.tmp_dir / f"copy-{uuid.uuid4().hex}"
+        hasher = hashlib.sha256()
+        try:
+            with open(self.folder / source.path, "rb") as original, open(temp, "wb") as out:
+                while chunk := original.read(CHUNK_SIZE):
+                    hasher.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError:
+            temp.unlink(missing_ok=True)
+            return None
+        if hasher.hexdigest() != checksum:
+            temp.unlink(missing_ok=True)
+            return None
+        return temp, checksum, source.size
+
     def place(self, temp: Path, path: str, checksum: str, size: int, modified_time: float) -> None:
         """Rename a verified download into the folder, with the server's mtime."""
         target = self.folder / path
@@ -6270,14 +6400,24 @@ class SyncClient:
         self.state.set_base(LocalFile(path, checksum, size, os.stat(target).st_mtime_ns))
 
     async def pull(self, path: str, modified_time: float, report: PassReport,
-                   scanned: LocalFile | None = None) -> None:
-        """Download the server's version of path, unless this folder changed it meanwhile."""
+                   scanned: LocalFile | None = None, checksum: str | None = None) -> None:
+        """Download the server's version of path, unless this folder changed it meanwhile;
+        when its checksum is that of a file this folder has (a move or a copy elsewhere),
+        copy that file instead of downloading it."""
         base = self.state.base(path)
         current = local_file(self.folder, path, base)
         if current is not None and current != scanned and (base is None or current.checksum != base.checksum):
             await self.resolve_conflict(path, report)     # written here since the plan was made
             return
-        fetched = await self.download(path)
+        fetched = None
+        for source in self.state.with_checksum(checksum) if checksum else []:
+            fetched = await asyncio.to_thread(self.copy_local, source, checksum)
+            if fetched is not None:
+                report.copied_here += 1
+                client_log.info("copy-local path=%s from=%s", path, source.path)
+                break
+        if fetched is None:
+            fetched = await self.download(path)
         if fetched is None:
             return
         temp, checksum, size = fetched
@@ -6360,6 +6500,9 @@ class SyncClient:
         async with self.lock:
             if IGNORE_FILE in wanted:
                 self.rules = IgnoreRules(self.folder)
+            gone, fresh = await asyncio.to_thread(self.changed_under, wanted, self.state.bases())
+            if gone and fresh:
+                await self.push_moves(gone, fresh, self.state.bases(), report)
             for path in sorted(wanted):
                 if self.rules.ignored(path):
                     continue
@@ -6374,6 +6517,33 @@ class SyncClient:
                     if (child.startswith(path + "/") and not self.rules.ignored(child)
                             and not (self.folder / child).exists()):
                         await self.push_delete(child_base, report)
+
+    def changed_under(self, paths: Iterable[str], bases: Mapping[str, LocalFile]
+                      ) -> tuple[dict[str, LocalFile], dict[str, LocalFile]]:
+        """Under these paths (files, or folders with everything in them): the tracked files
+        gone from disk, and the files not tracked yet (hashed): a rename's two halves. In a
+        worker thread (it hashes): bases come from the caller, the state is not touched."""
+        gone: dict[str, LocalFile] = {}
+        fresh: dict[str, LocalFile] = {}
+        for path in sorted(set(paths)):
+            if self.rules.ignored(path):
+                continue
+            for tracked, base in bases.items():
+                if ((tracked == path or tracked.startswith(path + "/"))
+                        and not self.rules.ignored(tracked) and not os.path.lexists(self.folder / tracked)):
+                    gone[tracked] = base
+            target = self.folder / path
+            if target.is_dir() and not target.is_symlink():
+                below, _ = scan_folder(target, IgnoreRules(target), {})
+                for child, found in below.items():
+                    full = f"{path}/{child}"
+                    if full not in bases and not self.rules.ignored(full):
+                        fresh[full] = LocalFile(full, found.checksum, found.size, found.mtime_ns)
+            elif path not in bases:
+                found = local_file(self.folder, path, None)
+                if found is not None:
+                    fresh[path] = found
+        return gone, fresh
 
     async def push_one(self, path: str, report: PassReport) -> None:
         """Upload path if it differs from its base; delete it there if it is gone here."""
@@ -6408,6 +6578,7 @@ class SyncClient:
             local, scan = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
             for path in scan.skipped:
                 client_log.warning("skip path=%s reason=not-a-regular-file-or-valid-path", path)
+            bases = await self.push_renames(bases, local, scan, report)
             for path in self.vanished(bases, local, scan):
                 await self.push_delete(bases[path], report)
             await self.push_files([f for path, f in sorted(local.items())
@@ -6464,7 +6635,7 @@ class SyncClient:
                 continue
             if report.failed:
                 self.note_outcome(report)
-            if report.uploaded or report.deleted_there or report.failed:
+            if report.uploaded or report.deleted_there or report.moves or report.failed:
                 print(report.summary(), flush=True)
 
     async def run_live(self) -> None:
@@ -6473,6 +6644,15 @@ class SyncClient:
         delay = 1.0
         first = True
         watcher: asyncio.Task[None] | None = None
+        main = asyncio.current_task()
+        failures: list[BaseException] = []
+
+        def watcher_done(task: asyncio.Task[None]) -> None:
+            # A bug in the watcher would otherwise leave a client that no longer pushes
+            # anything, silently: it stops the client as a bug anywhere else does.
+            if not task.cancelled() and task.exception() is not None and main is not None:
+                failures.append(task.exception())     # type: ignore[arg-type]
+                main.cancel()
         try:
             while True:
                 try:
@@ -6491,6 +6671,7 @@ class SyncClient:
                         print(report.summary(), flush=True)
                         if watcher is None or watcher.done():
                             watcher = asyncio.ensure_future(self.watch())
+                            watcher.add_done_callback(watcher_done)
                         delay = 1.0
                         client_log.info("live server=%s cursor=%d", self.server, self.state.cursor)
                         await self.listen(ws)
@@ -6499,6 +6680,10 @@ class SyncClient:
                     client_log.warning("disconnected: %s; retrying in %.0f s", exc or type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        except asyncio.CancelledError:
+            if failures:
+                raise failures[0] from None
+            raise
         finally:
             if watcher is not None:
                 watcher.cancel()

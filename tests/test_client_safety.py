@@ -195,3 +195,32 @@ async def test_against_a_server_without_bulk_the_client_uploads_one_by_one(
     assert await asyncio.wait_for(syncd.run_client(args, None), timeout=30) == 0
     assert (tmp_path / "data" / "2.txt").read_bytes() == b"2"
     assert "bulk-refused status=404" in caplog.text
+
+
+async def test_a_bug_in_the_watcher_stops_the_live_client(
+        aiohttp_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Not a live client that silently stops pushing: it stops, exit 1, with the bug logged."""
+    server = await aiohttp_server(syncd.make_app(make_config(tmp_path)))
+
+    async def buggy(self: Any, paths: Any, report: Any) -> None:
+        raise KeyError("a bug in the watcher")
+    monkeypatch.setattr(syncd.SyncClient, "push_paths", buggy)
+    folder = tmp_path / "mine"
+    args = argparse.Namespace(folder=str(folder), server=str(server.make_url("")),
+                              client_id="dev", once=False, full=False, accept_deletions=False)
+    running = asyncio.ensure_future(syncd.run_client(args, None))
+    try:
+        for index in range(100):       # until the watcher is up and sees one (20 s at most)
+            if running.done():
+                break
+            if folder.exists():
+                write(folder, f"poke-{index}.txt", b"x")
+            await asyncio.sleep(0.2)
+        assert running.done(), "the client kept running without its watcher"
+    finally:
+        if not running.done():
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+    assert running.result() == syncd.EXIT_CLIENT_FAILED
+    assert "internal error" in caplog.text and "a bug in the watcher" in caplog.text
