@@ -5700,6 +5700,9 @@ CREATE INDEX IF NOT EXISTS base_by_checksum ON base (checksum);
 """
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024   # a progress bar for transfers at least this large
 BULK_FILES = 100                       # small files per POST /bulk
+BULKS_IN_FLIGHT = 2                    # POST /bulk requests a pass keeps in flight
+TRANSFERS_IN_FLIGHT = 8                # single uploads or downloads a pass keeps in flight
+BATCH_SECONDS = 5.0                    # a pass commits the client's state this often
 BULK_FILE_LIMIT = 256 * 1024           # files up to this size go through /bulk
 WATCH_DEBOUNCE_MS = 300
 RECONNECT_MAX_DELAY = 60.0
@@ -5812,7 +5815,32 @@ class ClientState:
             leftover.unlink(missing_ok=True)
         self.db = sqlite3.connect(state_dir / "state.db", isolation_level=None)
         self.db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL: a power cut may forget the last bases, never corrupt them; a file with
+        # no base is compared with the server again (and is never deleted for it).
+        self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.executescript(CLIENT_SCHEMA)
+        self._batch_since: float | None = None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """A pass's changes of the state in few transactions (one commit a file cost more
+        than the file's download): committed every BATCH_SECONDS and at the end, failed or
+        not. A crash loses at most the last few seconds' bases: those files are compared
+        with the server again, and nothing is deleted for a base that is missing."""
+        self.db.execute("BEGIN")
+        self._batch_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._batch_since = None
+            self.db.execute("COMMIT")
+
+    def _changed(self) -> None:
+        """Commit a long batch now and then."""
+        if self._batch_since is not None and time.monotonic() - self._batch_since > BATCH_SECONDS:
+            self.db.execute("COMMIT")
+            self.db.execute("BEGIN")
+            self._batch_since = time.monotonic()
 
     def close(self) -> None:
         """Close the database."""
@@ -5858,10 +5886,12 @@ class ClientState:
         self.db.execute("INSERT OR REPLACE INTO base (path, checksum, size, mtime_ns)"
                         " VALUES (?, ?, ?, ?)", (local.path, local.checksum, local.size,
                                                  local.mtime_ns))
+        self._changed()
 
     def drop_base(self, path: str) -> None:
         """Forget a path's base."""
         self.db.execute("DELETE FROM base WHERE path = ?", (path,))
+        self._changed()
 
     def forget_history(self, epoch: str, cursor: int) -> None:
         """A reset or restored server: no base can be trusted any more (union resync)."""
@@ -6038,6 +6068,7 @@ class SyncClient:
         self.state = state
         self.rules = IgnoreRules(folder)
         self.lock = asyncio.Lock()      # one operation on the folder at a time
+        self.temp_names = itertools.count()   # tmp/ is emptied at every start
         self.server_cursor = 0          # as /health last said
         self.progress = sys.stdout.isatty()
         self.session: Any = None
@@ -6071,13 +6102,14 @@ class SyncClient:
         incremental = (not full and self.state.get("clean") == "1"
                        and self.state.get("rules") == rules and not await self.check_server()
                        and self.server_cursor - self.state.cursor <= INCREMENTAL_MAX_CHANGES)
-        if incremental:
-            client_log.info("pass=incremental since=%d", self.state.cursor)
-            await self.register()
-            report = await self.catch_up()
-        else:
-            client_log.info("pass=full")
-            report = await self.full_pass()
+        with self.state.batch():
+            if incremental:
+                client_log.info("pass=incremental since=%d", self.state.cursor)
+                await self.register()
+                report = await self.catch_up()
+            else:
+                client_log.info("pass=full")
+                report = await self.full_pass()
         self.note_outcome(report)
         self.state.put("rules", rules)
         return report
@@ -6124,12 +6156,15 @@ class SyncClient:
         uploads = self.planned(plan, "upload", report)
         planned.update(uploads)
         await self.push_files([local[path] for path in uploads if path in local], report)
+        downloads = []
         for path, entry in self.planned(plan, "download", report):
             planned.add(path)
             modified_time = from_server(lambda: float(entry["modified_time"]), "/sync answer")
             checksum = entry.get("checksum")
-            await self.pull(path, modified_time, report, scanned=local.get(path),
-                            checksum=checksum if isinstance(checksum, str) else None)
+            downloads.append(functools.partial(
+                self.pull, path, modified_time, report, scanned=local.get(path),
+                checksum=checksum if isinstance(checksum, str) else None))
+        await in_flight(downloads, TRANSFERS_IN_FLIGHT)
         for path, _ in self.planned(plan, "delete", report):
             planned.add(path)
             self.delete_here(path, local.get(path), report)
@@ -6235,13 +6270,15 @@ class SyncClient:
 
     async def push_files(self, files: Sequence[LocalFile], report: PassReport) -> None:
         """Upload local files: small ones BULK_FILES at a time through POST /bulk (one
-        request, one round trip), the others one by one."""
+        request, one round trip), BULKS_IN_FLIGHT requests at a time, and beside them the
+        others one by one, TRANSFERS_IN_FLIGHT at a time."""
         small = [local for local in files if local.size <= BULK_FILE_LIMIT]
-        for start in range(0, len(small), BULK_FILES):
-            await self.push_bulk(small[start:start + BULK_FILES], report)
-        for local in files:
-            if local.size > BULK_FILE_LIMIT:
-                await self.push_file(local.path, local, report)
+        bulks = [functools.partial(self.push_bulk, small[start:start + BULK_FILES], report)
+                 for start in range(0, len(small), BULK_FILES)]
+        singles = [functools.partial(self.push_file, local.path, local, report)
+                   for local in files if local.size > BULK_FILE_LIMIT]
+        await in_flight([functools.partial(in_flight, bulks, BULKS_IN_FLIGHT),      # side by side
+                         functools.partial(in_flight, singles, TRANSFERS_IN_FLIGHT)], 2)
 
     async def push_bulk(self, batch: Sequence[LocalFile], report: PassReport) -> None:
         """Upload a batch of small files in one POST /bulk, each conditional on its base;
@@ -6339,8 +6376,9 @@ class SyncClient:
             client_log.info("delete-remote-skipped path=%s status=%d", base.path, status)
         self.state.drop_base(base.path)
 
-    async def download(self, path: str) -> tuple[Path, str, int] | None:
-        """The server's current file into tmp/, verified against its ETag; None if gone."""
+    async def download(self, path: str) -> tuple[Path | bytes, str, int] | None:
+        """The server's current file, verified against its ETag: a small one in memory, a
+        large one into tmp/; None if gone."""
         temp = self.state.tmp_dir / f"down-{uuid.uuid4().hex}"
         async with self.session.get(self.url("/download/", path), headers=self.headers) as response:
             if response.status == 404:
@@ -6349,18 +6387,27 @@ class SyncClient:
                 raise ClientError(f"download of {path} answered {response.status}")
             expected = response.headers.get("ETag", "").strip('"')
             size = response.content_length or 0
+            if response.content_length is not None and size <= BULK_FILE_LIMIT:
+                data = await response.read()
+                if hashlib.sha256(data).hexdigest() != expected:
+                    raise ClientError(f"download of {path} does not match its checksum")
+                return data, expected, len(data)
             hasher = hashlib.sha256()
             received = 0
+            # The file is made, written and fsynced in worker threads: each can wait for
+            # the disk's journal, and the loop has other transfers to run meanwhile.
+            out = await asyncio.to_thread(open, temp, "wb")
             try:
-                with open(temp, "wb") as out:
+                try:
                     async for chunk in response.content.iter_chunked(CHUNK_SIZE):
                         hasher.update(chunk)
-                        out.write(chunk)
+                        await asyncio.to_thread(out.write, chunk)
                         received += len(chunk)
                         if self.progress and size >= PROGRESS_MIN_BYTES:
                             draw_progress(f"down {path}", received, size)
-                    out.flush()
-                    os.fsync(out.fileno())
+                    await asyncio.to_thread(sync_and_close, out)
+                finally:
+                    out.close()
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
@@ -6374,7 +6421,7 @@ class SyncClient:
         to checksum (checked on the copy itself); None otherwise."""
         if local_file(self.folder, source.path, source) != source:
             return None                            # changed here since: not that content
-        temp = self.state.tmp_dir / f"copy-{uuid.uuid4().hex}"
+        temp = self.state.tmp_dir / f"copy-{next(self.temp_names)}"
         hasher = hashlib.sha256()
         try:
             with open(self.folder / source.path, "rb") as original, open(temp, "wb") as out:
@@ -6391,13 +6438,18 @@ class SyncClient:
             return None
         return temp, checksum, source.size
 
-    def place(self, temp: Path, path: str, checksum: str, size: int, modified_time: float) -> None:
-        """Rename a verified download into the folder, with the server's mtime."""
-        target = self.folder / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.utime(temp, (modified_time, modified_time))
-        os.replace(temp, target)
-        self.state.set_base(LocalFile(path, checksum, size, os.stat(target).st_mtime_ns))
+    async def place(self, temp: Path | bytes, path: str, checksum: str, size: int,
+                    modified_time: float) -> None:
+        """Put a verified download into the folder (a temp file, or the bytes of a small
+        one: written, fsynced and renamed in one worker thread), with the server's mtime."""
+        if isinstance(temp, bytes):
+            data, temp = temp, self.state.tmp_dir / f"down-{next(self.temp_names)}"
+            mtime_ns = await asyncio.to_thread(write_into_place, temp, data, self.folder / path,
+                                               modified_time)
+        else:
+            mtime_ns = await asyncio.to_thread(move_into_place, temp, self.folder / path,
+                                               modified_time)
+        self.state.set_base(LocalFile(path, checksum, size, mtime_ns))
 
     async def pull(self, path: str, modified_time: float, report: PassReport,
                    scanned: LocalFile | None = None, checksum: str | None = None) -> None:
@@ -6422,9 +6474,10 @@ class SyncClient:
             return
         temp, checksum, size = fetched
         try:
-            self.place(temp, path, checksum, size, modified_time)
+            await self.place(temp, path, checksum, size, modified_time)
         except OSError as exc:        # a folder where the file goes, or the other way round
-            temp.unlink(missing_ok=True)
+            if isinstance(temp, Path):
+                temp.unlink(missing_ok=True)
             report.failed.append(f"{path} ({exc.strerror})")
             client_log.warning("download-failed path=%s error=%s", path, exc.strerror)
             return
@@ -6466,7 +6519,8 @@ class SyncClient:
             temp, checksum, size = fetched
             status, body = await self.call("GET", "/files", params={"prefix": path})
             entry = next((f for f in body["files"] if f["path"] == path), None) if body else None
-            self.place(temp, path, checksum, size, entry["modified_time"] if entry else time.time())
+            await self.place(temp, path, checksum, size,
+                             entry["modified_time"] if entry else time.time())
             report.downloaded += 1
         report.conflicts += 1
         kept = local_file(self.folder, copy, None)
@@ -6662,11 +6716,12 @@ class SyncClient:
                         hello = await ws.receive(timeout=30)
                         epoch = from_server(lambda: str(json.loads(hello.data)["epoch"]),
                                             "WebSocket hello")
-                        if first or epoch != self.state.get("epoch"):
-                            report = await self.full_pass()
-                            first = False
-                        else:
-                            report = await self.catch_up()
+                        with self.state.batch():
+                            if first or epoch != self.state.get("epoch"):
+                                report = await self.full_pass()
+                                first = False
+                            else:
+                                report = await self.catch_up()
                         self.note_outcome(report)
                         print(report.summary(), flush=True)
                         if watcher is None or watcher.done():
@@ -6687,6 +6742,56 @@ class SyncClient:
         finally:
             if watcher is not None:
                 watcher.cancel()
+
+
+def sync_and_close(out: Any) -> None:
+    """Flush, fsync and close a file written for a download."""
+    out.flush()
+    os.fsync(out.fileno())
+    out.close()
+
+
+def write_into_place(temp: Path, data: bytes, target: Path, modified_time: float) -> int:
+    """A small download: write it to temp, fsync, and move_into_place."""
+    try:
+        with open(temp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        return move_into_place(temp, target, modified_time)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def move_into_place(temp: Path, target: Path, modified_time: float) -> int:
+    """Give a downloaded temp file its mtime and rename it to target (folders made);
+    its st_mtime_ns."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.utime(temp, (modified_time, modified_time))
+    os.replace(temp, target)
+    return os.stat(target).st_mtime_ns
+
+
+async def in_flight(jobs: Sequence[Callable[[], Awaitable[None]]], limit: int) -> None:
+    """Run the jobs, at most limit at a time (each a request or two: a pass's round trips
+    overlap); the first failure cancels the others and is raised."""
+    if len(jobs) <= 1 or limit <= 1:
+        for job in jobs:
+            await job()
+        return
+    semaphore = asyncio.Semaphore(limit)
+
+    async def run(job: Callable[[], Awaitable[None]]) -> None:
+        async with semaphore:
+            await job()
+    tasks = [asyncio.ensure_future(run(job)) for job in jobs]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def draw_progress(label: str, done: int, total: int) -> None:
