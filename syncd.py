@@ -6134,8 +6134,8 @@ class SyncClient:
             local, scan = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
             for path in scan.skipped:
                 client_log.warning("skip path=%s reason=not-a-regular-file-or-valid-path", path)
-            bases = await self.push_renames(bases, local, scan, report)
-            for path in self.vanished(bases, local, scan):
+            bases, renamed = await self.push_renames(bases, local, scan, report)
+            for path in self.vanished(bases, local, scan, renamed):
                 await self.push_delete(bases[path], report)
             await self.register()
             entries = [f.entry(bases.get(f.path)).to_json() for f in local.values()]
@@ -6176,49 +6176,65 @@ class SyncClient:
                 self.state.set_base(in_sync)
 
     def vanished(self, bases: Mapping[str, LocalFile], local: Mapping[str, LocalFile],
-                 scan: TreeScan) -> list[str]:
+                 scan: TreeScan, reappeared: Iterable[str] = ()) -> list[str]:
         """Tracked paths gone from the folder; MassVanish when most are (and no
-        --accept-deletions). A tracked path that is now ignored is not gone: it is
-        simply no longer synced, so its base is forgotten and nothing is deleted; one
-        that could not be looked at (an unreadable folder) is not gone either."""
+        --accept-deletions), not counting those whose content reappeared under another
+        name (a rename the server refused to make a move). A tracked path that is now
+        ignored is not gone: it is simply no longer synced, so its base is forgotten and
+        nothing is deleted; one that could not be looked at (an unreadable folder) is not
+        gone either."""
         for path in [path for path in bases if self.rules.ignored(path)]:
             self.state.drop_base(path)
         tracked = [path for path in bases if not self.rules.ignored(path)]
         missing = [path for path in tracked if path not in local and not scan.hides(path)]
-        guard_vanished(len(missing), len(tracked), self.accept_deletions, (
+        renamed = set(reappeared)
+        guard_vanished(sum(1 for path in missing if path not in renamed), len(tracked),
+                       self.accept_deletions, (
             "{missing} of the {known} tracked files are missing from "
             f"{self.folder} (an unmounted folder?): not pushing their deletion. If they "
             "were deleted on purpose, run once with --accept-deletions."))
         return missing
 
     async def push_renames(self, bases: dict[str, LocalFile], local: Mapping[str, LocalFile],
-                           scan: TreeScan, report: PassReport) -> dict[str, LocalFile]:
+                           scan: TreeScan, report: PassReport
+                           ) -> tuple[dict[str, LocalFile], set[str]]:
         """Renames made here while we were not looking, as POST /move (no bytes sent): a
-        tracked file gone whose content is at an untracked path. The bases afterwards."""
+        tracked file gone whose content is at an untracked path. The bases afterwards,
+        and the old paths of the renames found (moved or not)."""
         gone = {path: base for path, base in bases.items()
                 if path not in local and not scan.hides(path) and not self.rules.ignored(path)}
         fresh = {path: found for path, found in local.items() if path not in bases}
-        if gone and fresh and await self.push_moves(gone, fresh, bases, report):
-            return self.state.bases()
-        return bases
+        if not gone or not fresh:
+            return bases, set()
+        renames = find_moves(gone, fresh)
+        if await self.push_moves(renames, gone, fresh, bases, report):
+            bases = self.state.bases()
+        return bases, {old for old, _ in renames}
 
-    async def push_moves(self, gone: Mapping[str, LocalFile], fresh: Mapping[str, LocalFile],
-                         bases: Mapping[str, LocalFile], report: PassReport) -> bool:
-        """POST /move for each rename found between gone and fresh (a whole folder at once
-        when all its tracked files moved together); each moved file's base follows it. A
-        move the server refuses (changed there, taken) is left to the upload and delete
-        that follow. Whether anything moved."""
+    async def push_moves(self, found: Sequence[tuple[str, str]], gone: Mapping[str, LocalFile],
+                         fresh: Mapping[str, LocalFile], bases: Mapping[str, LocalFile],
+                         report: PassReport) -> bool:
+        """POST /move for these renames, (old, new) between gone and fresh (a whole folder at
+        once when all its tracked files moved together); each moved file's base follows
+        it. A folder move the server refuses (the new folder exists there) is tried file
+        by file; a file move it refuses (changed there, taken) is left to the upload and
+        delete that follow. Whether anything moved."""
         tracked = [path for path in bases if not self.rules.ignored(path)]
         moved_any = False
-        for source, target, renames in plan_moves(find_moves(gone, fresh), tracked):
+        work = plan_moves(found, tracked)
+        while work:
+            source, target, renames = work.pop(0)
             body: dict[str, Any] = {"client_id": self.client_id, "from": source, "to": target}
-            if renames == [(source, target)]:
+            alone = renames == [(source, target)]
+            if alone:
                 body["base_checksum"] = gone[source].checksum
             status, answer = await self.call("POST", "/move", json=body)
             if status != 200:
                 client_log.info("move-refused from=%s to=%s status=%d: %s", source, target,
                                 status, answer.get("message") if isinstance(answer, dict)
                                 else answer)
+                if not alone:
+                    work[:0] = [(old, new, [(old, new)]) for old, new in renames]
                 continue
             for old, new in renames:
                 self.state.drop_base(old)
@@ -6556,7 +6572,8 @@ class SyncClient:
                 self.rules = IgnoreRules(self.folder)
             gone, fresh = await asyncio.to_thread(self.changed_under, wanted, self.state.bases())
             if gone and fresh:
-                await self.push_moves(gone, fresh, self.state.bases(), report)
+                await self.push_moves(find_moves(gone, fresh), gone, fresh, self.state.bases(),
+                                      report)
             for path in sorted(wanted):
                 if self.rules.ignored(path):
                     continue
@@ -6632,8 +6649,8 @@ class SyncClient:
             local, scan = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
             for path in scan.skipped:
                 client_log.warning("skip path=%s reason=not-a-regular-file-or-valid-path", path)
-            bases = await self.push_renames(bases, local, scan, report)
-            for path in self.vanished(bases, local, scan):
+            bases, renamed = await self.push_renames(bases, local, scan, report)
+            for path in self.vanished(bases, local, scan, renamed):
                 await self.push_delete(bases[path], report)
             await self.push_files([f for path, f in sorted(local.items())
                                    if path not in bases or bases[path].checksum != f.checksum],

@@ -97,7 +97,7 @@ def test_an_offline_folder_rename_is_one_move_and_no_bytes(clients: Clients,
     """The user's report: 3 of 4 tracked files renamed with the client stopped was a
     mass-vanish refusal (exit 3), and would have sent every byte again."""
     a, b = clients.folder("A"), clients.folder("B")
-    photos = {f"photos/2023/{index}.jpg": os.urandom(8 << 20) for index in range(3)}
+    photos = {f"photos/2023/{index}.jpg": os.urandom(22 << 20) for index in range(3)}
     for path, data in photos.items():
         write(a, path, data)
     write(a, "photos/readme.txt", b"keep")
@@ -109,7 +109,7 @@ def test_an_offline_folder_rename_is_one_move_and_no_bytes(clients: Clients,
     assert "1 moved (3 files)" in output and "0 uploaded" in output
     output = once(clients, proxy, "B")
     assert "3 from local copies" in output
-    assert proxy.bytes - before < 1 << 20, f"{proxy.bytes - before} bytes for a 24 MiB rename"
+    assert proxy.bytes - before < 1 << 20, f"{proxy.bytes - before} bytes for a 66 MiB rename"
     expected = {path.replace("2023", "archive-2023"): data for path, data in photos.items()}
     assert tree(b) == {**expected, "photos/readme.txt": b"keep"} == tree(a)
     assert not (b / "photos" / "2023").exists()
@@ -201,3 +201,26 @@ def test_a_file_renamed_back_and_forth(clients: Clients) -> None:
         assert "1 moved" in clients.once("A")
         clients.once("B")
         assert tree(b) == {target: b"content"}
+
+
+def test_a_refused_folder_move_goes_file_by_file_and_is_no_mass_vanish(clients: Clients) -> None:
+    """The new folder exists on the server already: the folder cannot move, its files can;
+    and what cannot move is uploaded again, never taken for a vanished tree (exit 3)."""
+    a, b = clients.folder("A"), clients.folder("B")
+    for index in range(3):
+        write(a, f"photos/2023/{index}.jpg", b"photo %d" % index)
+    write(a, "photos/readme.txt", b"keep")
+    clients.once("A")
+    clients.once("B")
+    write(b, "photos/archive-2023/from-b.txt", b"B was first")
+    write(b, "photos/archive-2023/2.jpg", b"taken by B")
+    clients.once("B")
+    (a / "photos" / "2023").rename(a / "photos" / "archive-2023")
+    output = clients.once("A")
+    assert "2 moved (2 files)" in output
+    clients.once("B")
+    clients.once("A")
+    assert tree(a) == tree(b)
+    assert tree(b)["photos/archive-2023/0.jpg"] == b"photo 0" and "photos/2023/0.jpg" not in tree(b)
+    kept = [data for path, data in tree(b).items() if path.startswith("photos/archive-2023/2")]
+    assert sorted(kept) == [b"photo 2", b"taken by B"]      # a conflict copy: nothing lost
