@@ -620,10 +620,12 @@ def bench_client_passes(work: Path, files: int, big: int, rounds: int) -> dict[s
     """Workload 11 for syncd: the initial sync of the tree from A to an empty B (A's
     --once uploading, then B's downloading, both processes' start included); then in
     the synced pair, A's --once after one 4 KiB file changed, and with nothing changed."""
-    server = start_syncd(work, "client-data", extra=("--max-file-size", "2GiB"))
-    try:
-        initial, one_change, nothing = [], [], []
-        for index in range(rounds):
+    initial: list[float] = []
+    one_change: list[float] = []
+    nothing: list[float] = []
+    for index in range(rounds):     # a new server each round: the tree's paths are the same
+        server = start_syncd(work, f"client-data-{index}", extra=("--max-file-size", "2GiB"))
+        try:
             a, b = work / f"syncd-A{index}", work / f"syncd-B{index}"
             sizes = make_tree(a, files, big)
             subprocess.run(["sync"], check=True)
@@ -639,8 +641,8 @@ def bench_client_passes(work: Path, files: int, big: int, rounds: int) -> dict[s
             nothing.append(run_client(a, server.url, f"a{index}"))
             shutil.rmtree(a)
             shutil.rmtree(b)
-    finally:
-        server.stop()
+        finally:
+            server.stop()
     return {"initial_s": summary(initial), "one_change_s": summary(one_change),
             "nothing_changed_s": summary(nothing)}
 
@@ -874,6 +876,15 @@ def print_versions(results: dict[str, Any]) -> None:
               f"folder {disk['blob_dir_mb']:.1f} MB)")
 
 
+def bench_clients(results: dict[str, Any], work: Path, args: argparse.Namespace) -> None:
+    """Workload 11: syncd's client, rsync and Syncthing on the same tree, one after another."""
+    files, tree_big = (200, 16 << 20) if args.quick else (2000, 256 << 20)
+    results["tree"] = f"{files:,} x 4 KiB in 20 folders + {tree_big >> 20} MiB"
+    results["syncd"]["client"] = bench_client_passes(work, files, tree_big, args.rounds)
+    results["rsync"] = bench_rsync(work, files, tree_big, args.rounds)
+    results["syncthing"] = bench_syncthing(work, files, tree_big, args.rounds)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="runs of each large workload")
@@ -884,7 +895,7 @@ def main() -> int:
     parser.add_argument("--skip", default="",
                         help="comma-separated: sync,fanout,live,nginx,versions,bulk,clients")
     parser.add_argument("--only", default="",
-                        help="comma-separated workloads to run alone: versions")
+                        help="comma-separated workloads to run alone: versions, clients")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -908,6 +919,17 @@ def main() -> int:
         if "versions" in args.only.split(","):
             results["syncd"]["versions"] = bench_versions(work, big, args.rounds)
             print_versions(results)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+            return 0
+        if "clients" in args.only.split(","):
+            bench_clients(results, work, args)
+            live_server = start_syncd(work, "live-data")
+            try:
+                results["syncd"]["live"] = bench_live(work, live_server.url, 20)
+            finally:
+                live_server.stop()
+            print_clients(results)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2))
             return 0
@@ -936,11 +958,7 @@ def main() -> int:
         if "versions" not in skip:
             results["syncd"]["versions"] = bench_versions(work, big, args.rounds)
         if "clients" not in skip:
-            files, tree_big = (200, 16 << 20) if args.quick else (2000, 256 << 20)
-            results["tree"] = f"{files:,} x 4 KiB in 20 folders + {tree_big >> 20} MiB"
-            results["syncd"]["client"] = bench_client_passes(work, files, tree_big, args.rounds)
-            results["rsync"] = bench_rsync(work, files, tree_big, args.rounds)
-            results["syncthing"] = bench_syncthing(work, files, tree_big, args.rounds)
+            bench_clients(results, work, args)
         nginx = None if "nginx" in skip else start_nginx(work)
         if nginx is not None:
             try:
