@@ -6130,13 +6130,7 @@ class SyncClient:
         async with self.lock:
             self.rules = IgnoreRules(self.folder)   # .syncignore may have changed since
             await self.check_server()       # a reset server: bases are forgotten, nothing deleted
-            bases = self.state.bases()
-            local, scan = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
-            for path in scan.skipped:
-                client_log.warning("skip path=%s reason=not-a-regular-file-or-valid-path", path)
-            bases, renamed = await self.push_renames(bases, local, scan, report)
-            for path in self.vanished(bases, local, scan, renamed):
-                await self.push_delete(bases[path], report)
+            bases, local = await self.scan_and_push_removals(report)
             await self.register()
             entries = [f.entry(bases.get(f.path)).to_json() for f in local.values()]
             status, plan = await self.call("POST", "/sync", json={
@@ -6147,6 +6141,19 @@ class SyncClient:
             self.state.cursor = max(self.state.cursor,
                                     from_server(lambda: int(plan["cursor"]), "/sync answer"))
         return report
+
+    async def scan_and_push_removals(self, report: PassReport
+                                     ) -> tuple[dict[str, LocalFile], dict[str, LocalFile]]:
+        """Scan the folder, push its renames (as moves) and its deletions (MassVanish when
+        most tracked files are gone); the bases after the renames, and the files found."""
+        bases = self.state.bases()
+        local, scan = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
+        for path in scan.skipped:
+            client_log.warning("skip path=%s reason=not-a-regular-file-or-valid-path", path)
+        bases, renamed = await self.push_renames(bases, local, scan, report)
+        for path in self.vanished(bases, local, scan, renamed):
+            await self.push_delete(bases[path], report)
+        return bases, local
 
     async def carry_out(self, plan: Mapping[str, Any], local: Mapping[str, LocalFile],
                         bases: Mapping[str, LocalFile], report: PassReport) -> None:
@@ -6645,13 +6652,7 @@ class SyncClient:
             if not has_more:
                 break
         async with self.lock:
-            bases = self.state.bases()
-            local, scan = await asyncio.to_thread(scan_folder, self.folder, self.rules, bases)
-            for path in scan.skipped:
-                client_log.warning("skip path=%s reason=not-a-regular-file-or-valid-path", path)
-            bases, renamed = await self.push_renames(bases, local, scan, report)
-            for path in self.vanished(bases, local, scan, renamed):
-                await self.push_delete(bases[path], report)
+            bases, local = await self.scan_and_push_removals(report)
             await self.push_files([f for path, f in sorted(local.items())
                                    if path not in bases or bases[path].checksum != f.checksum],
                                   report)
