@@ -3873,10 +3873,10 @@ class Tree:
                                            record.modified_time, client_id, record.mtime_ns)
             tomb = await tx.record_delete(record, client_id)
             await tx.move_versions(record.path, new_path)
-            tx.after_commit.append(lambda moved=moved: hub.publish(file_changed_event(moved),
-                                                                   client_id))
-            tx.after_commit.append(lambda tomb=tomb: hub.publish(file_deleted_event(tomb),
-                                                                 client_id))
+            tx.after_commit.append(functools.partial(hub.publish, file_changed_event(moved),
+                                                     client_id))
+            tx.after_commit.append(functools.partial(hub.publish, file_deleted_event(tomb),
+                                                     client_id))
         return tx.last_seq
 
     def _moved_back(self, source: str, target: str) -> bool:
@@ -6022,7 +6022,8 @@ def plan_moves(pairs: Sequence[tuple[str, str]],
         folders = renamed_folder(*pair)
         if folders is not None:
             groups.setdefault(folders, []).append(pair)
-    requests, covered = [], set()
+    requests: list[tuple[str, str, list[tuple[str, str]]]] = []
+    covered: set[str] = set()
     for (source, target), members in sorted(groups.items()):
         inside = sum(1 for path in tracked if path.startswith(source + "/"))
         if inside == len(members) and not target.startswith(source + "/"):
@@ -6484,9 +6485,9 @@ class SyncClient:
         if current is not None and current != scanned and (base is None or current.checksum != base.checksum):
             await self.resolve_conflict(path, report)     # written here since the plan was made
             return
-        fetched = None
+        fetched: tuple[Path | bytes, str, int] | None = None
         for source in self.state.with_checksum(checksum) if checksum else []:
-            fetched = await asyncio.to_thread(self.copy_local, source, checksum)
+            fetched = await asyncio.to_thread(self.copy_local, source, source.checksum)
             if fetched is not None:
                 report.copied_here += 1
                 client_log.info("copy-local path=%s from=%s", path, source.path)
@@ -6613,10 +6614,10 @@ class SyncClient:
             target = self.folder / path
             if target.is_dir() and not target.is_symlink():
                 below, _ = scan_folder(target, IgnoreRules(target), {})
-                for child, found in below.items():
+                for child, inside in below.items():
                     full = f"{path}/{child}"
                     if full not in bases and not self.rules.ignored(full):
-                        fresh[full] = LocalFile(full, found.checksum, found.size, found.mtime_ns)
+                        fresh[full] = LocalFile(full, inside.checksum, inside.size, inside.mtime_ns)
             elif path not in bases:
                 found = local_file(self.folder, path, None)
                 if found is not None:
