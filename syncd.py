@@ -36,6 +36,7 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -188,6 +189,11 @@ class Config:
     max_bulk_files: int = setting(1000, "files one POST /bulk may carry")
     max_bulk_size: int = setting(256 * 1024 * 1024, "bytes of files one POST /bulk may carry")
     uvloop: bool = setting(True, "run on uvloop when it is installed (a faster event loop)")
+    upload_expiry: float = setting(86400.0, "seconds a resumable upload is kept after its "
+                                   "last byte (tus Upload-Expires)")
+    max_partial_uploads: int = setting(16, "resumable uploads one client may have open")
+    max_partial_bytes: int = setting(64 * 1024 ** 3, "bytes (Upload-Length) the open "
+                                     "resumable uploads of one client may add up to")
 
 
 # Settings a SIGHUP cannot change: they need a restart.
@@ -392,6 +398,9 @@ SETTING_PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_bulk_files": parse_positive_whole,
     "max_bulk_size": parse_size,
     "uvloop": parse_bool,
+    "upload_expiry": parse_seconds,
+    "max_partial_uploads": parse_positive_whole,
+    "max_partial_bytes": parse_size,
 }
 assert set(SETTING_PARSERS) == {f.name for f in fields(Config)}
 
@@ -752,6 +761,42 @@ class StorageFailing(Refused):
         self.retry_after = retry_after
 
 
+class WrongOffset(Refused):
+    """A resumable upload's chunk that does not start where the upload stands (tus 409)."""
+
+    code = "conflict"
+
+
+class ChunkChecksumMismatch(Refused):
+    """A resumable upload's chunk that does not match its Upload-Checksum (tus 460)."""
+
+    code = "checksum_mismatch"
+
+
+class UploadGone(Refused):
+    """A resumable upload that expired (tus 410)."""
+
+    code = "gone"
+
+
+class WrongContentType(Refused):
+    """A body of the wrong Content-Type (tus PATCH: 415)."""
+
+    code = "unsupported_media_type"
+
+
+class TusUnsupported(Refused):
+    """A request without Tus-Resumable: 1.0.0 (tus 412)."""
+
+    code = "precondition_failed"
+
+
+class TooManyUploads(Refused):
+    """A client over its limits of open resumable uploads (429)."""
+
+    code = "too_many_uploads"
+
+
 class StorageUnusable(Exception):
     """The tree or its database cannot be opened at start-up."""
 
@@ -959,6 +1004,18 @@ class Version:
         """The version as a file to serve (ETag its checksum, X-Revision its revision)."""
         return FileRecord(self.path, self.checksum, self.size, self.modified_time,
                           self.revision, False, self.time, self.replaced_by)
+
+
+@dataclass(slots=True)
+class PartialUpload:
+    """A resumable (tus) upload under way: its bytes so far are in .syncd/uploads/ID."""
+
+    id: str
+    client_id: str
+    length: int | None       # None: Upload-Defer-Length, not known yet
+    received: int            # bytes written and fsynced: the Upload-Offset
+    metadata: dict[str, str]
+    expires: float
 
 
 def folder_range(prefix: str) -> tuple[str, str]:
@@ -1333,6 +1390,22 @@ class MetadataStore(abc.ABC):
         """(source, target, client_id) of the moves noted but not finished."""
 
     @abc.abstractmethod
+    async def save_upload(self, upload: PartialUpload) -> None:
+        """Store (or update) a resumable upload's record, durably."""
+
+    @abc.abstractmethod
+    async def drop_upload(self, upload_id: str) -> None:
+        """Forget a resumable upload."""
+
+    @abc.abstractmethod
+    async def get_upload(self, upload_id: str) -> PartialUpload | None:
+        """A resumable upload's record."""
+
+    @abc.abstractmethod
+    async def uploads_of(self, client_id: str | None) -> list[PartialUpload]:
+        """The resumable uploads of one client (None: of every client)."""
+
+    @abc.abstractmethod
     async def register_client(self, client_id: str, name: str | None,
                               platform: str | None, version: str | None) -> bool:
         """Store or refresh a client; True when it is new."""
@@ -1435,6 +1508,14 @@ CREATE TABLE IF NOT EXISTS blobs (
     size          INTEGER NOT NULL,
     refs          INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS uploads (
+    id            TEXT PRIMARY KEY,
+    client_id     TEXT NOT NULL,
+    length        INTEGER,
+    received      INTEGER NOT NULL,
+    metadata      TEXT NOT NULL,
+    expires       REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS moves (
     source        TEXT PRIMARY KEY,
     target        TEXT NOT NULL,
@@ -1464,6 +1545,14 @@ SQLITE_FAILING_CODES = frozenset({
     sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN,
     sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CORRUPT,
     sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_PERM})
+
+
+UPLOAD_COLUMNS = "id, client_id, length, received, metadata, expires"
+
+
+def partial_upload(row: Sequence[Any]) -> PartialUpload:
+    """A PartialUpload from a row of UPLOAD_COLUMNS."""
+    return PartialUpload(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
 
 
 def file_record(row: Sequence[Any]) -> FileRecord:
@@ -1766,6 +1855,37 @@ class SQLiteStore(MetadataStore):
             "SELECT source, target, client_id FROM moves ORDER BY time")
         return [(row[0], row[1], row[2]) for row in rows]
 
+    async def save_upload(self, upload: PartialUpload) -> None:
+        """Store a resumable upload's record."""
+        async with self.transaction() as tx:
+            assert isinstance(tx, SQLiteTransaction)
+            await tx.db.execute(
+                "INSERT OR REPLACE INTO uploads (id, client_id, length, received, metadata,"
+                " expires) VALUES (?, ?, ?, ?, ?, ?)",
+                (upload.id, upload.client_id, upload.length, upload.received,
+                 json.dumps(upload.metadata), upload.expires))
+
+    async def drop_upload(self, upload_id: str) -> None:
+        """Forget a resumable upload."""
+        async with self.transaction() as tx:
+            assert isinstance(tx, SQLiteTransaction)
+            await tx.db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
+
+    async def get_upload(self, upload_id: str) -> PartialUpload | None:
+        """A resumable upload's record."""
+        rows = await self.reader.execute_fetchall(
+            f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = ?", (upload_id,))
+        return partial_upload(rows[0]) if rows else None
+
+    async def uploads_of(self, client_id: str | None) -> list[PartialUpload]:
+        """The resumable uploads of one client, or of all."""
+        if client_id is None:
+            rows = await self.reader.execute_fetchall(f"SELECT {UPLOAD_COLUMNS} FROM uploads")
+        else:
+            rows = await self.reader.execute_fetchall(
+                f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE client_id = ?", (client_id,))
+        return [partial_upload(row) for row in rows]
+
     async def register_client(self, client_id: str, name: str | None,
                               platform: str | None, version: str | None) -> bool:
         """Store or refresh a client; True when it is new."""
@@ -1928,6 +2048,15 @@ def file_failure(exc: BaseException) -> Refused | None:
     return None
 
 
+def sync_folder(folder: Path) -> None:
+    """fsync a folder: the entries made in it are durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_all(fd: int, data: bytes) -> None:
     """os.write until every byte is written."""
     view = memoryview(data)
@@ -1967,6 +2096,7 @@ class FileStore:
         self.state_dir = root / STATE_DIR
         self.tmp_dir = self.state_dir / "tmp"
         self.blob_dir = self.state_dir / "blobs"    # kept versions, one file per content
+        self.upload_dir = self.state_dir / "uploads"   # resumable uploads: kept across starts
         # Our own pool for upload chunks, so that an aborted upload can wait for the
         # chunk still being written before it closes the file.
         self.writers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="syncd-write")
@@ -2017,7 +2147,7 @@ class FileStore:
     def prepare(self) -> int:
         """Create .syncd/ and tmp/, private to us (0700); empty tmp/ of what a crash left
         there; return how many files that was."""
-        for folder in (self.state_dir, self.tmp_dir, self.blob_dir):
+        for folder in (self.state_dir, self.tmp_dir, self.blob_dir, self.upload_dir):
             folder.mkdir(mode=0o700, exist_ok=True)
             try:
                 os.chmod(folder, 0o700)      # made world-readable by an older syncd
@@ -2168,6 +2298,50 @@ class FileStore:
 
     def _tmp_fd(self) -> int:
         return os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    # -- resumable uploads: .syncd/uploads/ID, the bytes received so far ------------
+
+    def new_partial(self, upload_id: str) -> None:
+        """An empty file for a new resumable upload, its entry durable."""
+        os.close(os.open(self.upload_dir / upload_id,
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        sync_folder(self.upload_dir)
+
+    def open_partial(self, upload_id: str, offset: int) -> int:
+        """A descriptor of a resumable upload's file, cut back to offset (bytes past the last
+        acknowledged offset are dropped: they were never confirmed) and positioned there."""
+        fd = os.open(self.upload_dir / upload_id, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, offset)
+            os.lseek(fd, offset, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def hash_partial(self, upload_id: str, length: int) -> Any:
+        """A SHA-256 of the first length bytes of a resumable upload (to go on after a
+        restart: a hash state cannot be stored)."""
+        hasher = hashlib.sha256()
+        with open(self.upload_dir / upload_id, "rb") as handle:
+            left = length
+            while left and (chunk := handle.read(min(CHUNK_SIZE, left))):
+                hasher.update(chunk)
+                left -= len(chunk)
+        return hasher
+
+    def stage_partial(self, upload_id: str, size: int, checksum: str) -> StagedFile:
+        """A completed resumable upload as a staged file in tmp/ (a second name for the same
+        bytes: the upload keeps its own until the commit, for a retry)."""
+        name = f"upload-{next(self._names)}"
+        os.link(self.upload_dir / upload_id, self.tmp_dir / name)
+        fd = os.open(self.tmp_dir / name, os.O_WRONLY | os.O_CLOEXEC)
+        return StagedFile(name, fd, size, checksum)
+
+    def remove_partial(self, upload_id: str) -> None:
+        """Remove a resumable upload's file."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.upload_dir / upload_id)
 
     def swap_in(self, staged: StagedFile, path: str, keep: str | None = None,
                 sync: bool = True) -> Swap:
@@ -3608,6 +3782,11 @@ class Tree:
                 if item.error is None:
                     item.error, item.swap = exc, None
         placed = [item.swap for item in group if item.error is None and item.swap is not None]
+        if placed:     # before the answers: an answered upload leaves nothing in tmp/
+            try:
+                await asyncio.to_thread(self.files.finish_swaps, placed)
+            except OSError as exc:      # committed all the same: the next start empties tmp/
+                log.warning("could not remove replaced files from tmp/: %s", exc)
         for item in group:
             if item.error is not None:
                 item.done.set_exception(item.error)
@@ -3620,8 +3799,6 @@ class Tree:
                 log.info("stored %s (%d bytes, revision %d) from %s", item.upload.path,
                          item.record.size, item.record.revision, item.upload.client_id)
             item.done.set_result((item.record, item.created))
-        if placed:
-            self.background.spawn(asyncio.to_thread(self.files.finish_swaps, placed))
 
     async def _place_together(self, tx: Transaction, group: Sequence[PendingUpload]) -> None:
         """Check and journal each upload, then rename them all and fsync their folders in
@@ -4163,6 +4340,235 @@ class Tree:
 
 
 # ===========================================================================
+# Resumable uploads (tus 1.0.0): the bytes of a large file over several requests
+# ===========================================================================
+
+TUS_VERSION = "1.0.0"
+TUS_EXTENSIONS = ("creation,creation-with-upload,creation-defer-length,expiration,"
+                  "termination,checksum")
+TUS_CHECKSUMS: dict[str, Callable[[], Any]] = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
+TUS_CONTENT_TYPE = "application/offset+octet-stream"
+UPLOAD_SWEEP_INTERVAL = 600.0     # seconds between two looks for expired uploads
+EXPIRED_KEPT = 86400.0            # an expired upload answers 410 (not 404) this long
+
+
+class ResumableUploads:
+    """The open resumable uploads: created, appended to chunk by chunk (each chunk fsynced
+    and its offset committed before it is acknowledged), and, at the last byte, handed to
+    Tree.store_upload like any other upload.
+
+    The whole file's SHA-256 is carried in memory from chunk to chunk; after a restart
+    it is computed again from the bytes received (a hashlib state cannot be stored).
+    A chunk cut short is dropped: the file goes back to the last acknowledged offset.
+    """
+
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+        self.hashers: dict[str, tuple[int, Any]] = {}   # id -> (offset, SHA-256 so far)
+        self.busy: set[str] = set()                     # ids with a PATCH under way
+
+    async def create(self, client_id: str, length: int | None,
+                     metadata: dict[str, str]) -> PartialUpload:
+        """A new upload, once its metadata passed the checks an upload meets at its start."""
+        config = self.tree.config
+        if length is not None and length > config.max_file_size:
+            raise TooLarge(f"the file exceeds max_file_size ({config.max_file_size} bytes)")
+        upload_of_metadata(self.tree, metadata)       # 400, 409, 415: before any byte
+        open_ones = [upload for upload in await self.tree.store.uploads_of(client_id)
+                     if upload.received >= 0]
+        if len(open_ones) >= config.max_partial_uploads:
+            raise TooManyUploads(f"{client_id} has {len(open_ones)} resumable uploads open "
+                                 f"(max_partial_uploads): finish or terminate one")
+        if sum(upload.length or 0 for upload in open_ones) + (length or 0) > config.max_partial_bytes:
+            raise TooManyUploads(f"the open resumable uploads of {client_id} would exceed "
+                                 f"max_partial_bytes ({config.max_partial_bytes} bytes)")
+        upload = PartialUpload(secrets.token_hex(16), client_id, length, 0, metadata,
+                               time.time() + config.upload_expiry)
+        await asyncio.to_thread(self.tree.files.new_partial, upload.id)
+        await self.tree.store.save_upload(upload)
+        log.info("resumable upload %s of %s (%s bytes) created for %s", upload.id,
+                 metadata.get("relative_path"), length if length is not None else "?", client_id)
+        return upload
+
+    async def get(self, upload_id: str) -> PartialUpload:
+        """An open upload; NotFound, or UploadGone when it expired."""
+        upload = await self.tree.store.get_upload(upload_id) if len(upload_id) == 32 else None
+        if upload is None:
+            raise NotFound(f"no resumable upload {upload_id}")
+        if upload.received >= 0 and upload.expires < time.time():
+            await self._expire(upload)
+        if upload.received < 0:
+            raise UploadGone(f"the resumable upload {upload_id} expired")
+        return upload
+
+    async def append(self, upload: PartialUpload, offset: int, length: int | None,
+                     chunks: AsyncIterator[bytes], checksum: tuple[str, bytes] | None
+                     ) -> tuple[PartialUpload, FileRecord | None]:
+        """Write a chunk at offset (which must be where the upload stands), fsync it, then
+        acknowledge it; at the last byte, store the file. The upload, and the stored
+        file's record once it is complete."""
+        if upload.id in self.busy:
+            raise WrongOffset("another PATCH of this upload is under way")
+        self.busy.add(upload.id)
+        try:
+            if offset != upload.received:
+                raise WrongOffset(f"Upload-Offset is {upload.received}, not {offset}")
+            if length is not None:
+                self._set_length(upload, length)
+            await self._write(upload, chunks, checksum)
+            if upload.length is not None and upload.received == upload.length:
+                return upload, await self._complete(upload)
+            return upload, None
+        finally:
+            self.busy.discard(upload.id)
+
+    def _set_length(self, upload: PartialUpload, length: int) -> None:
+        """Upload-Length given late (creation-defer-length)."""
+        if upload.length is not None and upload.length != length:
+            raise InvalidRequest(f"Upload-Length is {upload.length} already")
+        if length < upload.received:
+            raise InvalidRequest(f"Upload-Length {length} is less than the bytes received")
+        if length > self.tree.config.max_file_size:
+            raise TooLarge(f"the file exceeds max_file_size "
+                           f"({self.tree.config.max_file_size} bytes)")
+        upload.length = length
+
+    async def _write(self, upload: PartialUpload, chunks: AsyncIterator[bytes],
+                     checksum: tuple[str, bytes] | None) -> None:
+        """The chunk, written and fsynced; the offset committed. Any failure drops it."""
+        files, limit = self.tree.files, upload.length
+        if limit is None:
+            limit = self.tree.config.max_file_size
+        hasher = await self._hasher(upload)
+        before = hasher.copy()
+        chunk_hasher = TUS_CHECKSUMS[checksum[0]]() if checksum else None
+        fd = await asyncio.to_thread(files.open_partial, upload.id, upload.received)
+        written = 0
+        try:
+            async for chunk in chunks:
+                if upload.received + written + len(chunk) > limit:
+                    raise TooLarge(f"the chunk goes past Upload-Length ({limit} bytes)")
+                await asyncio.to_thread(write_and_hash_both, fd, hasher, chunk_hasher, chunk)
+                written += len(chunk)
+            if checksum is not None and chunk_hasher is not None \
+                    and chunk_hasher.digest() != checksum[1]:
+                raise ChunkChecksumMismatch("the chunk does not match its Upload-Checksum: "
+                                            "it was not kept")
+            await asyncio.to_thread(os.fsync, fd)
+        except BaseException:
+            self.hashers[upload.id] = (upload.received, before)
+            raise
+        finally:
+            os.close(fd)
+        upload.received += written
+        upload.expires = time.time() + self.tree.config.upload_expiry
+        await self.tree.store.save_upload(upload)
+        self.hashers[upload.id] = (upload.received, hasher)
+        self.tree.metrics.bytes_received.inc(written)
+
+    async def _hasher(self, upload: PartialUpload) -> Any:
+        """The SHA-256 of the bytes received, carried over or computed again."""
+        offset, hasher = self.hashers.get(upload.id, (-1, None))
+        if offset != upload.received or hasher is None:
+            hasher = await asyncio.to_thread(self.tree.files.hash_partial, upload.id,
+                                             upload.received)
+        return hasher
+
+    async def _complete(self, upload: PartialUpload) -> FileRecord:
+        """Store the whole file as /upload would. A refusal of the file itself (a stale
+        base, a bad checksum) ends the upload; a failing disk keeps it, for a retry (an
+        empty PATCH at the last offset)."""
+        hasher = await self._hasher(upload)
+        assert upload.length is not None
+        try:
+            fields = upload_of_metadata(self.tree, upload.metadata)
+            staged = await asyncio.to_thread(self.tree.files.stage_partial, upload.id,
+                                             upload.length, hasher.hexdigest())
+            record, _ = await self.tree.store_upload(staged, fields)
+        except (StorageFailing, StorageFull):
+            raise
+        except Refused:
+            await self._remove(upload)
+            raise
+        await self._remove(upload)
+        return record
+
+    async def terminate(self, upload: PartialUpload) -> None:
+        """DELETE: the upload and its bytes are gone."""
+        if upload.id in self.busy:
+            raise WrongOffset("a PATCH of this upload is under way")
+        await self._remove(upload)
+        log.info("resumable upload %s terminated", upload.id)
+
+    async def _remove(self, upload: PartialUpload) -> None:
+        self.hashers.pop(upload.id, None)
+        await asyncio.to_thread(self.tree.files.remove_partial, upload.id)
+        await self.tree.store.drop_upload(upload.id)
+
+    async def _expire(self, upload: PartialUpload) -> None:
+        """Drop an expired upload's bytes; it answers 410 for a while, then 404."""
+        self.hashers.pop(upload.id, None)
+        await asyncio.to_thread(self.tree.files.remove_partial, upload.id)
+        upload.received = -1
+        await self.tree.store.save_upload(upload)
+        log.info("resumable upload %s expired", upload.id)
+
+    async def sweep(self) -> None:
+        """Expire what is past its Upload-Expires; forget the long expired."""
+        now = time.time()
+        for upload in await self.tree.store.uploads_of(None):
+            if upload.id in self.busy:
+                continue
+            if upload.received >= 0 and upload.expires < now:
+                await self._expire(upload)
+            elif upload.received < 0 and upload.expires + EXPIRED_KEPT < now:
+                await self.tree.store.drop_upload(upload.id)
+
+    async def sweep_forever(self) -> None:
+        """The sweeper task."""
+        while True:
+            try:
+                await self.sweep()
+            except Exception as exc:
+                if self.tree.failure(exc) is None:
+                    raise
+                log.warning("could not expire resumable uploads: %s", exc)
+            await asyncio.sleep(UPLOAD_SWEEP_INTERVAL)
+
+
+def write_and_hash_both(fd: int, hasher: Any, chunk_hasher: Any, data: bytes) -> None:
+    """In a worker thread: write a chunk and feed both hashes."""
+    write_all(fd, data)
+    hasher.update(data)
+    if chunk_hasher is not None:
+        chunk_hasher.update(data)
+
+
+def upload_of_metadata(tree: Tree, metadata: Mapping[str, str]) -> Upload:
+    """The Upload that a resumable upload's metadata describes, checked as /upload checks
+    its fields (and its precondition against the live file now)."""
+    raw_path = metadata.get("relative_path")
+    if raw_path is None:
+        raise invalid_request("Upload-Metadata needs relative_path")
+    path = validate_path(raw_path)
+    tree.check_extension(path)
+    if "client_id" not in metadata:
+        raise invalid_request("Upload-Metadata needs client_id")
+    client_id = validate_client_id(metadata["client_id"])
+    claimed = metadata.get("checksum")
+    pre = Precondition(base_checksum=None if "base_checksum" not in metadata else
+                       validate_checksum(metadata["base_checksum"], "base_checksum",
+                                         allow_empty=True))
+    check_precondition(pre, tree.store.get(path))
+    return Upload(path, client_id,
+                  validate_modified_time(metadata["modified_time"])
+                  if "modified_time" in metadata else time.time(),
+                  None if claimed is None else validate_checksum(claimed, "checksum",
+                                                                 allow_empty=False),
+                  pre)
+
+
+# ===========================================================================
 # HTTP: request parsing helpers
 # ===========================================================================
 
@@ -4185,6 +4591,7 @@ class State:
     """Everything the handlers share, hung off the Application."""
 
     tree: Tree
+    uploads: ResumableUploads
     started: float = field(default_factory=time.monotonic)
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -4953,6 +5360,160 @@ async def handle_move(request: web.Request) -> web.Response:
     return json_response({"success": True, "moved": moved, "cursor": cursor})
 
 
+def tus_headers(upload: PartialUpload | None = None) -> dict[str, str]:
+    """The headers every tus answer carries, and an upload's state."""
+    headers = {"Tus-Resumable": TUS_VERSION}
+    if upload is not None:
+        headers["Upload-Offset"] = str(upload.received)
+        headers["Upload-Expires"] = http_date(upload.expires)
+        if upload.length is None:
+            headers["Upload-Defer-Length"] = "1"
+        else:
+            headers["Upload-Length"] = str(upload.length)
+    return headers
+
+
+def tus_route(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+              ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A tus handler: Tus-Resumable checked (412 without it; OPTIONS needs none) and put on
+    every answer, errors included (as the contract's JSON)."""
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            if request.method != "OPTIONS" and request.headers.get("Tus-Resumable") != TUS_VERSION:
+                raise TusUnsupported("Tus-Resumable: 1.0.0 is required")
+            response = await handler(request)
+        except Refused as exc:
+            error = refusal_error(exc)
+            error.headers["Tus-Resumable"] = TUS_VERSION
+            if isinstance(exc, TusUnsupported):
+                error.headers["Tus-Version"] = TUS_VERSION
+            raise error from None
+        response.headers["Tus-Resumable"] = TUS_VERSION
+        return response
+    return wrapped
+
+
+def tus_number(request: web.Request, name: str) -> int | None:
+    """A non-negative integer header, or None when absent; 400 when it is not one."""
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 19:
+        raise invalid_request(f"{name} must be a non-negative integer")
+    return int(raw)
+
+
+def parse_upload_metadata(header: str | None) -> dict[str, str]:
+    """Upload-Metadata: comma-separated "key base64(value)" pairs (the value may be left
+    out); 400 when it cannot be read."""
+    metadata: dict[str, str] = {}
+    for item in (header or "").split(","):
+        if not item.strip():
+            continue
+        key, _, encoded = item.strip().partition(" ")
+        if not key or key in metadata or " " in encoded.strip():
+            raise invalid_request("Upload-Metadata must be comma-separated 'key base64' pairs, "
+                                  "each key once")
+        try:
+            metadata[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            raise invalid_request(f"Upload-Metadata {key}: not base64 of UTF-8 text") from None
+    return metadata
+
+
+def parse_upload_checksum(header: str | None) -> tuple[str, bytes] | None:
+    """Upload-Checksum: "sha1|sha256 base64(digest)"; 400 otherwise."""
+    if header is None:
+        return None
+    algorithm, _, encoded = header.strip().partition(" ")
+    if algorithm not in TUS_CHECKSUMS:
+        raise invalid_request("Upload-Checksum algorithm must be one of "
+                              + ", ".join(TUS_CHECKSUMS))
+    try:
+        return algorithm, base64.b64decode(encoded.strip(), validate=True)
+    except ValueError:
+        raise invalid_request("Upload-Checksum must be 'algorithm base64'") from None
+
+
+def tus_method(request: web.Request) -> str:
+    """The method meant: X-HTTP-Method-Override on a POST (for clients that cannot send
+    PATCH or DELETE), else the request's own."""
+    override = request.headers.get("X-HTTP-Method-Override")
+    if request.method == "POST" and override:
+        return override.strip().upper()
+    return request.method
+
+
+@tus_route
+async def handle_tus_options(request: web.Request) -> web.Response:
+    """OPTIONS /uploads/: what this tus server speaks."""
+    return web.Response(status=204, headers={
+        "Tus-Version": TUS_VERSION, "Tus-Extension": TUS_EXTENSIONS,
+        "Tus-Max-Size": str(state_of(request).config.max_file_size),
+        "Tus-Checksum-Algorithm": ",".join(TUS_CHECKSUMS)})
+
+
+@tus_route
+async def handle_tus_create(request: web.Request) -> web.StreamResponse:
+    """POST /uploads/: a new upload (creation), with its first bytes if the body has them
+    (creation-with-upload)."""
+    if tus_method(request) != "POST":
+        raise invalid_request("X-HTTP-Method-Override is for an upload's own URL")
+    uploads = state_of(request).uploads
+    length = tus_number(request, "Upload-Length")
+    deferred = request.headers.get("Upload-Defer-Length")
+    if (length is None) == (deferred is None) or deferred not in (None, "1"):
+        raise invalid_request("either Upload-Length, or Upload-Defer-Length: 1, is required")
+    metadata = parse_upload_metadata(request.headers.get("Upload-Metadata"))
+    client_id = note_client(request, validate_client_id(metadata.get("client_id")))
+    upload = await uploads.create(client_id, length, metadata)
+    headers = {"Location": f"/uploads/{upload.id}"}
+    if request.content_type == TUS_CONTENT_TYPE and request.can_read_body:
+        upload, record = await receive_chunk(request, upload, 0)
+        if record is not None:
+            headers["X-Revision"] = str(record.revision)
+    headers.update(tus_headers(upload))
+    return web.Response(status=201, headers=headers)
+
+
+@tus_route
+async def handle_tus_upload(request: web.Request) -> web.StreamResponse:
+    """HEAD, PATCH, DELETE (or POST with X-HTTP-Method-Override) /uploads/{id}."""
+    uploads = state_of(request).uploads
+    method = tus_method(request)
+    upload = await uploads.get(request.match_info["id"])
+    if method == "HEAD":
+        return web.Response(status=200, headers={**tus_headers(upload),
+                                                 "Cache-Control": "no-store"})
+    if method == "DELETE":
+        await uploads.terminate(upload)
+        return web.Response(status=204)
+    if method != "PATCH":
+        raise web.HTTPMethodNotAllowed(method, ["HEAD", "PATCH", "DELETE", "OPTIONS"])
+    if request.content_type != TUS_CONTENT_TYPE:
+        raise WrongContentType(f"Content-Type must be {TUS_CONTENT_TYPE}")
+    offset = tus_number(request, "Upload-Offset")
+    if offset is None:
+        raise invalid_request("Upload-Offset is required")
+    upload, record = await receive_chunk(request, upload, offset)
+    headers = tus_headers(upload)
+    if record is not None:
+        headers["X-Revision"] = str(record.revision)
+    return web.Response(status=204, headers=headers)
+
+
+async def receive_chunk(request: web.Request, upload: PartialUpload,
+                        offset: int) -> tuple[PartialUpload, FileRecord | None]:
+    """The request body as the upload's next chunk."""
+    state = state_of(request)
+    chunks = idle_limited(request.content.iter_chunked(CHUNK_SIZE),
+                          state.config.upload_idle_timeout)
+    return await state.uploads.append(
+        upload, offset, tus_number(request, "Upload-Length"), chunks,
+        parse_upload_checksum(request.headers.get("Upload-Checksum")))
+
+
 async def handle_download(request: web.Request) -> web.StreamResponse:
     """GET/HEAD /download/{path} and /files/{path}: the file's bytes (?revision=N: that
     revision's, kept as a version or live)."""
@@ -5167,6 +5728,8 @@ REFUSAL_STATUS: dict[type[Refused], int] = {
     InvalidRequest: 400, NotFound: 404, Conflict: 409, CaseConflict: 409,
     PreconditionFailed: 412, TooLarge: 413, ExtensionNotAllowed: 415,
     StorageFailing: 503, StorageFull: 507,
+    WrongOffset: 409, UploadGone: 410, TusUnsupported: 412, WrongContentType: 415,
+    TooManyUploads: 429, ChunkChecksumMismatch: 460,
 }
 
 
@@ -5326,9 +5889,13 @@ async def storage_context(app: web.Application) -> AsyncIterator[None]:
     """Open the tree (recovering, rehashing in the background), serve, close it."""
     state = app[STATE]
     await state.tree.open(state.accept_deletions)
+    sweeper = asyncio.ensure_future(state.uploads.sweep_forever())
     try:
         yield
     finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
         await state.tree.close()
 
 
@@ -5345,7 +5912,7 @@ def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
                 files=FileStore(root),
                 hub=Hub(config.ws_queue_size, config.heartbeat_interval, config.heartbeat_timeout),
                 metrics=Metrics())
-    state = State(tree, accept_deletions=accept_deletions)
+    state = State(tree, ResumableUploads(tree), accept_deletions=accept_deletions)
     tree.metrics.watch(lambda: gauges_of(state))
     app = web.Application(middlewares=[accounting_middleware, error_middleware,
                                        admission_middleware],
@@ -5360,6 +5927,11 @@ def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
     app.router.add_post("/upload", handle_upload)
     app.router.add_post("/bulk", handle_bulk)
     app.router.add_post("/move", handle_move)
+    app.router.add_route("OPTIONS", "/uploads/", handle_tus_options)
+    app.router.add_route("OPTIONS", "/uploads/{id}", handle_tus_options)
+    app.router.add_post("/uploads/", handle_tus_create)
+    for method in ("HEAD", "PATCH", "DELETE", "POST"):
+        app.router.add_route(method, "/uploads/{id}", handle_tus_upload)
     app.router.add_get("/files", handle_list_files)
     app.router.add_put("/files/{path:.*}", handle_put_file)
     app.router.add_get("/files/{path:.*}", handle_download)     # HEAD too
