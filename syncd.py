@@ -4359,7 +4359,9 @@ class ResumableUploads:
 
     The whole file's SHA-256 is carried in memory from chunk to chunk; after a restart
     it is computed again from the bytes received (a hashlib state cannot be stored).
-    A chunk cut short is dropped: the file goes back to the last acknowledged offset.
+    A chunk cut short keeps the bytes that arrived (see CutShort); a chunk refused (its
+    checksum, past the length, a failing disk) is dropped: the file goes back to the last
+    acknowledged offset.
     """
 
     def __init__(self, tree: Tree) -> None:
@@ -5389,6 +5391,9 @@ def tus_route(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
             if isinstance(exc, TusUnsupported):
                 error.headers["Tus-Version"] = TUS_VERSION
             raise error from None
+        except ApiError as error:       # 408: the client stalled
+            error.headers["Tus-Resumable"] = TUS_VERSION
+            raise
         response.headers["Tus-Resumable"] = TUS_VERSION
         return response
     return wrapped
@@ -5503,15 +5508,44 @@ async def handle_tus_upload(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204, headers=headers)
 
 
+class CutShort:
+    """A request body that ends, instead of failing, where the client went away or
+    stalled: tus asks a server to keep as much of a chunk as it received (a hotel Wi-Fi
+    that drops every few minutes would otherwise never get a large chunk through). The
+    failure is kept for the handler, once the bytes are stored. A chunk with an
+    Upload-Checksum cut short fails its checksum and is dropped, as tus says."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.source = chunks
+        self.failure: BaseException | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.source:
+                yield chunk
+        except ConnectionResetError as exc:
+            self.failure = exc
+        except ApiError as exc:
+            if exc.status != 408:
+                raise
+            self.failure = exc
+
+
 async def receive_chunk(request: web.Request, upload: PartialUpload,
                         offset: int) -> tuple[PartialUpload, FileRecord | None]:
-    """The request body as the upload's next chunk."""
+    """The request body as the upload's next chunk (as much of it as arrived)."""
     state = state_of(request)
-    chunks = idle_limited(request.content.iter_chunked(CHUNK_SIZE),
-                          state.config.upload_idle_timeout)
-    return await state.uploads.append(
-        upload, offset, tus_number(request, "Upload-Length"), chunks,
+    body = CutShort(idle_limited(request.content.iter_chunked(CHUNK_SIZE),
+                                 state.config.upload_idle_timeout))
+    result = await state.uploads.append(
+        upload, offset, tus_number(request, "Upload-Length"), body.chunks(),
         parse_upload_checksum(request.headers.get("Upload-Checksum")))
+    if isinstance(body.failure, ApiError):
+        raise body.failure
+    if body.failure is not None:    # nobody to answer: one line, not a traceback
+        log.info("resumable upload %s: the connection was lost; %d bytes kept", upload.id,
+                 result[0].received)
+    return result
 
 
 async def handle_download(request: web.Request) -> web.StreamResponse:
@@ -6269,6 +6303,12 @@ CREATE TABLE IF NOT EXISTS base (
     mtime_ns INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS base_by_checksum ON base (checksum);
+CREATE TABLE IF NOT EXISTS resumable (
+    path     TEXT PRIMARY KEY,
+    url      TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    size     INTEGER NOT NULL
+);
 """
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024   # a progress bar for transfers at least this large
 BULK_FILES = 100                       # small files per POST /bulk
@@ -6276,6 +6316,10 @@ BULKS_IN_FLIGHT = 2                    # POST /bulk requests a pass keeps in fli
 TRANSFERS_IN_FLIGHT = 8                # single uploads or downloads a pass keeps in flight
 BATCH_SECONDS = 5.0                    # a pass commits the client's state this often
 BULK_FILE_LIMIT = 256 * 1024           # files up to this size go through /bulk
+RESUMABLE_MIN_SIZE = 8 * 1024 * 1024   # files this large go through tus (--resumable-min-size)
+TUS_CHUNK = 32 * 1024 * 1024           # bytes per PATCH: each one fsynced and acknowledged
+RESUME_ATTEMPTS = 5                    # tries in a row that gain no byte before a pass gives up
+RESUME_DELAY = 0.5                     # seconds before the first retry; doubled each time
 WATCH_DEBOUNCE_MS = 300
 RECONNECT_MAX_DELAY = 60.0
 EXIT_CLIENT_FAILED = 1
@@ -6283,6 +6327,27 @@ EXIT_CLIENT_FAILED = 1
 
 class ClientError(Exception):
     """A pass cannot go on: the server refused us, or sent what we cannot use (retried)."""
+
+
+class UploadInterrupted(Exception):
+    """A resumable upload must ask the server where it stands, and go on from there."""
+
+
+class UploadRefused(Exception):
+    """The server refused to begin a resumable upload; (status, body) as /upload's."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"{status}")
+        self.status, self.body = status, body
+
+
+TUS_REQUEST = {"Tus-Resumable": "1.0.0"}
+
+
+def tus_metadata(fields: Mapping[str, str]) -> str:
+    """Upload-Metadata: "key base64(value)", comma-separated."""
+    return ",".join(f"{key} {base64.b64encode(value.encode()).decode()}"
+                    for key, value in fields.items())
 
 
 def from_server(parse: Callable[[], T], what: str) -> T:
@@ -6410,6 +6475,11 @@ class ClientState:
     def _changed(self) -> None:
         """Commit a long batch now and then."""
         if self._batch_since is not None and time.monotonic() - self._batch_since > BATCH_SECONDS:
+            self.commit()
+
+    def commit(self) -> None:
+        """Commit what the batch holds now (what must not be lost to a crash)."""
+        if self._batch_since is not None:
             self.db.execute("COMMIT")
             self.db.execute("BEGIN")
             self._batch_since = time.monotonic()
@@ -6463,6 +6533,29 @@ class ClientState:
     def drop_base(self, path: str) -> None:
         """Forget a path's base."""
         self.db.execute("DELETE FROM base WHERE path = ?", (path,))
+        self._changed()
+
+    def resumable(self, path: str) -> tuple[str, str, int] | None:
+        """The open resumable upload of a path: (its URL's path on the server, checksum,
+        size) of what it uploads."""
+        row = self.db.execute("SELECT url, checksum, size FROM resumable WHERE path = ?",
+                              (path,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def resumables(self) -> list[tuple[str, str, str, int]]:
+        """Every open resumable upload: (path, URL, checksum, size)."""
+        return list(self.db.execute("SELECT path, url, checksum, size FROM resumable"))
+
+    def remember_upload(self, path: str, url: str, checksum: str, size: int) -> None:
+        """A resumable upload begun, committed at once: a client killed a second later
+        continues it instead of sending the file again."""
+        self.db.execute("INSERT OR REPLACE INTO resumable (path, url, checksum, size)"
+                        " VALUES (?, ?, ?, ?)", (path, url, checksum, size))
+        self.commit()
+
+    def forget_upload(self, path: str) -> None:
+        """A resumable upload done or given up."""
+        self.db.execute("DELETE FROM resumable WHERE path = ?", (path,))
         self._changed()
 
     def forget_history(self, epoch: str, cursor: int) -> None:
@@ -6631,8 +6724,11 @@ class SyncClient:
     """Keeps one folder in sync with one server, through the public API only."""
 
     def __init__(self, folder: Path, server: str, client_id: str, api_key: str | None,
-                 state: ClientState, accept_deletions: bool = False) -> None:
+                 state: ClientState, accept_deletions: bool = False,
+                 resumable_min_size: int | None = RESUMABLE_MIN_SIZE) -> None:
         self.bulk_works = True          # until a server answers that it has no POST /bulk
+        self.tus_works = True           # until a server answers that it has no /uploads/
+        self.resumable_min_size = resumable_min_size   # None: never
         self.folder = folder
         self.server = server.rstrip("/")
         self.client_id = client_id
@@ -6654,13 +6750,17 @@ class SyncClient:
 
     async def call(self, method: str, route: str, path: str = "", **kwargs: Any) -> tuple[int, Any]:
         """One request; (status, JSON body or None)."""
+        status, body, _ = await self.request(method, self.url(route, path), **kwargs)
+        return status, body
+
+    async def request(self, method: str, url: Any, **kwargs: Any) -> tuple[int, Any, Any]:
+        """One request to a URL of the server; (status, JSON body or None, headers)."""
         headers = {**self.headers, **kwargs.pop("headers", {})}
-        async with self.session.request(method, self.url(route, path), headers=headers,
-                                        **kwargs) as response:
+        async with self.session.request(method, url, headers=headers, **kwargs) as response:
             body = await response.json() if response.content_type == "application/json" else None
             if response.status == 401:
                 raise ClientError("the server refused the API key (401)")
-            return response.status, body
+            return response.status, body, response.headers
 
     # -- one full pass ------------------------------------------------------------
 
@@ -6711,6 +6811,7 @@ class SyncClient:
             if status != 200:
                 raise ClientError(f"/sync answered {status}: {plan}")
             await self.carry_out(plan, local, bases, report)
+            await self.drop_stale_uploads(local)
             self.state.cursor = max(self.state.cursor,
                                     from_server(lambda: int(plan["cursor"]), "/sync answer"))
         return report
@@ -6922,6 +7023,8 @@ class SyncClient:
         """Upload a local file, conditional on its base; a 409 becomes a conflict copy."""
         if not self.unchanged_since_scan(local):
             return
+        if self.resumable(local) and await self.push_resumable(local, report):
+            return
         with open(self.folder / path, "rb") as handle:
             form = aiohttp.FormData()
             for name, value in self.upload_fields(local).items():
@@ -6941,7 +7044,13 @@ class SyncClient:
             client_log.info("upload path=%s bytes=%d revision=%s", path, local.size,
                             from_server(lambda: body["revision"], "upload answer"))
         elif status == 409 and body and body.get("error") == "conflict" and body.get("server"):
-            await self.resolve_conflict(path, report)
+            if body["server"].get("checksum") == local.checksum:
+                # the server has this very content (a resumable upload whose last answer
+                # was lost, or another device with the same bytes): nothing to keep apart
+                self.state.set_base(local)
+                client_log.info("upload path=%s already-there", path)
+            else:
+                await self.resolve_conflict(path, report)
         else:
             error = body.get("error") if body else status
             report.failed.append(f"{path} ({error})")
@@ -6959,6 +7068,156 @@ class SyncClient:
                 draw_progress(label, sent, size)
                 yield chunk
             sys.stdout.write("\n")
+        return chunks()
+
+    # -- resumable uploads (tus 1.0.0) -------------------------------------------------
+
+    def resumable(self, local: LocalFile) -> bool:
+        """Whether a file goes through tus: a large one, where the server speaks it."""
+        return (self.tus_works and self.resumable_min_size is not None
+                and local.size >= self.resumable_min_size)
+
+    async def push_resumable(self, local: LocalFile, report: PassReport) -> bool:
+        """Upload a large file through tus, continuing a remembered upload of the same
+        content from the server's Upload-Offset: a dropped connection or a restarted
+        server costs the bytes after the last one stored, not the file. Tries that gain
+        nothing RESUME_ATTEMPTS times in a row end the pass (the next one, or the next run,
+        continues). False when the server will not take it this way (use /upload)."""
+        failures, reached = 0, -1
+        while True:
+            try:
+                position = await self.tus_position(local)
+                if position is None:
+                    return False
+                url, offset = position
+                if offset > reached:
+                    failures, reached = 0, offset
+                status, body = await self.tus_send(url, local, offset)
+            except UploadRefused as refused:
+                status, body = refused.status, refused.body
+            except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError,
+                    UploadInterrupted) as exc:
+                failures += 1
+                if failures >= RESUME_ATTEMPTS:
+                    raise ClientError(f"the upload of {local.path} was cut {failures} times "
+                                      f"without progress ({exc}); it continues next time") \
+                        from None
+                delay = RESUME_DELAY * 2 ** (failures - 1)
+                client_log.warning("upload-interrupted path=%s error=%s: resuming in %g s",
+                                   local.path, str(exc) or type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                continue
+            await self.uploaded(local, status, body, report)
+            return True
+
+    async def tus_position(self, local: LocalFile) -> tuple[str, int] | None:
+        """Where the upload of local stands: a remembered upload of this content and its
+        offset on the server, or a new one at 0. None when tus is not to be used."""
+        remembered = self.state.resumable(local.path)
+        if remembered is not None:
+            where, checksum, size = remembered
+            url = str(self.same_server(where))
+            if (checksum, size) == (local.checksum, local.size):
+                status, _, headers = await self.request("HEAD", url, headers=TUS_REQUEST)
+                if status == 200:
+                    offset = from_server(lambda: int(headers["Upload-Offset"]), "tus offset")
+                    if 0 <= offset <= local.size:
+                        if offset:
+                            client_log.info("upload-resume path=%s offset=%d size=%d",
+                                            local.path, offset, local.size)
+                        return url, offset
+                elif status not in (404, 410):      # not expired, not completed: unknown
+                    raise UploadInterrupted(f"HEAD of the upload answered {status}")
+            else:                                   # the file changed since: start anew
+                await self.request("DELETE", url, headers=TUS_REQUEST)
+            self.state.forget_upload(local.path)
+        return await self.tus_create(local)
+
+    async def tus_create(self, local: LocalFile) -> tuple[str, int] | None:
+        """POST /uploads/: a new upload of local (remembered); None when the server has
+        no tus, or this client has too many uploads open there."""
+        fields = {**self.upload_fields(local), "client_id": self.client_id}
+        status, body, headers = await self.request("POST", self.url("/uploads/"), headers={
+            **TUS_REQUEST, "Upload-Length": str(local.size),
+            "Upload-Metadata": tus_metadata(fields)})
+        if status == 201:
+            url = self.same_server(from_server(lambda: str(headers["Location"]),
+                                               "tus Location"))
+            # its path only: the same server may be reached by another URL next time
+            self.state.remember_upload(local.path, url.raw_path_qs, local.checksum, local.size)
+            return str(url), 0
+        if status in (404, 405):
+            client_log.info("tus-unavailable status=%d: uploading in one request", status)
+            self.tus_works = False
+            return None
+        if status == 429:
+            client_log.warning("tus-refused path=%s error=too_many_uploads: uploading in one "
+                               "request", local.path)
+            return None
+        raise UploadRefused(status, body)
+
+    async def drop_stale_uploads(self, local: Mapping[str, LocalFile]) -> None:
+        """Terminate the remembered uploads no longer wanted (the file changed, went, or is
+        on the server already): they would hold space there until they expire."""
+        for path, where, checksum, _ in self.state.resumables():
+            found, base = local.get(path), self.state.base(path)
+            if found is None or found.checksum != checksum or (base and base.checksum == checksum):
+                await self.request("DELETE", self.same_server(where), headers=TUS_REQUEST)
+                self.state.forget_upload(path)
+
+    def same_server(self, location: str) -> Any:
+        """An upload's URL (Location may be relative), which must be on our server: our
+        key goes with every request."""
+        url = URL(self.server).join(URL(location))
+        if url.origin() != URL(self.server).origin():
+            raise ClientError(f"the server sent an upload URL on another server: {location}")
+        return url
+
+    async def tus_send(self, url: str, local: LocalFile, offset: int) -> tuple[int, Any]:
+        """PATCH the file from offset in TUS_CHUNK pieces; the answer to the last byte as
+        /upload would give it. UploadInterrupted when the server's offset is not ours."""
+        with open(self.folder / local.path, "rb") as handle:
+            while True:
+                if os.fstat(handle.fileno()).st_size != local.size:
+                    await self.request("DELETE", url, headers=TUS_REQUEST)
+                    self.state.forget_upload(local.path)
+                    return 0, {"error": "changed while it was uploaded"}
+                length = min(TUS_CHUNK, local.size - offset)
+                handle.seek(offset)
+                status, body, headers = await self.request("PATCH", url, headers={
+                    **TUS_REQUEST, "Upload-Offset": str(offset), "Content-Length": str(length),
+                    "Content-Type": "application/offset+octet-stream"},
+                    data=self.chunk_reader(handle, offset, length, local))
+                if status == 409 and isinstance(body, dict) and "server" not in body:
+                    raise UploadInterrupted(f"the server's offset moved ({body.get('message')})")
+                if status != 204:
+                    if status < 500:        # refused for good: the server dropped it
+                        self.state.forget_upload(local.path)
+                    if status == 404 or status == 410:
+                        raise UploadInterrupted(f"the upload is gone ({status})")
+                    return status, body
+                offset = from_server(lambda: int(headers["Upload-Offset"]), "tus offset")
+                if offset >= local.size:
+                    self.state.forget_upload(local.path)
+                    return 200, {"revision": headers.get("X-Revision")}
+
+    def chunk_reader(self, handle: Any, offset: int, length: int, local: LocalFile) -> Any:
+        """length bytes of the file from offset, drawing the progress bar from where the
+        upload stands (a resumed upload shows its resumed position)."""
+        progress = self.progress and local.size >= PROGRESS_MIN_BYTES
+
+        async def chunks() -> AsyncIterator[bytes]:
+            sent = 0
+            while sent < length:
+                chunk = handle.read(min(CHUNK_SIZE, length - sent))
+                if not chunk:
+                    raise UploadInterrupted(f"{local.path} became shorter while it was sent")
+                sent += len(chunk)
+                if progress:
+                    draw_progress(f"up {local.path}", offset + sent, local.size)
+                yield chunk
+            if progress and offset + sent >= local.size:
+                sys.stdout.write("\n")
         return chunks()
 
     async def push_delete(self, base: LocalFile, report: PassReport) -> None:
@@ -7417,8 +7676,23 @@ def add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accept-deletions", action="store_true",
                         help="push deletions even when most tracked files are gone "
                              "(default: refuse, exit 3)")
+    parser.add_argument("--resumable-min-size", default=RESUMABLE_MIN_SIZE, metavar="SIZE",
+                        type=resumable_size,
+                        help="upload files at least this large resumably (tus), so that a "
+                             "dropped connection costs only what was not yet stored; e.g. "
+                             "8MiB, 1GiB, or 'off' (default: 8MiB)")
     parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS,
                         help="how much to log (default: info)")
+
+
+def resumable_size(text: str) -> int | None:
+    """--resumable-min-size: a size, or off."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 async def run_client(args: argparse.Namespace, api_key: str | None) -> int:
@@ -7428,7 +7702,8 @@ async def run_client(args: argparse.Namespace, api_key: str | None) -> int:
     state = ClientState(folder)
     client_id = args.client_id or state.get("client_id") or default_client_id()
     state.put("client_id", client_id)
-    client = SyncClient(folder, args.server, client_id, api_key, state, args.accept_deletions)
+    client = SyncClient(folder, args.server, client_id, api_key, state, args.accept_deletions,
+                        args.resumable_min_size)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +321,91 @@ def write(folder: Path, path: str, data: bytes) -> None:
     target.write_bytes(data)
 
 
+
+
+class CountingProxy:
+    """A TCP proxy on a loopback port that counts the bytes each way (the wire); given
+    cuts, it drops every connection each time the bytes sent up reach the next of them
+    (a link that fails mid-transfer); given cut_answer, it drops them instead of passing
+    on the first answer holding those bytes (an answer lost on the way back)."""
+
+    def __init__(self, target_port: int, cuts: Iterable[int] = (),
+                 cut_answer: bytes | None = None) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.bytes = 0
+        self.sent = 0                  # client to server
+        self.cuts = sorted(cuts)
+        self.cut_answer = cut_answer
+        self.lock = threading.Lock()
+        self.open: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        self.spawn(self.accept)
+
+    def spawn(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return                                   # closed
+            self.spawn(self.serve, downstream)
+
+    def serve(self, downstream: socket.socket) -> None:
+        with downstream, socket.create_connection(("127.0.0.1", self.target_port)) as upstream:
+            with self.lock:
+                self.open.extend((downstream, upstream))
+            back = threading.Thread(target=self.pipe, args=(upstream, downstream, False),
+                                    daemon=True)
+            back.start()
+            self.pipe(downstream, upstream, True)
+            back.join(timeout=60)
+
+    def pipe(self, source: socket.socket, sink: socket.socket, up: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                with self.lock:
+                    self.bytes += len(data)
+                    if up:
+                        self.sent += len(data)
+                        if self.cuts and self.sent >= self.cuts[0]:
+                            self.cuts.pop(0)
+                            self.drop_all()
+                            return
+                    elif self.cut_answer is not None and self.cut_answer in data:
+                        self.cut_answer = None
+                        self.drop_all()
+                        return
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def drop_all(self) -> None:
+        """Shut every open connection (with the lock held)."""
+        for sock in self.open:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)      # wakes a thread waiting in recv
+            except OSError:
+                pass
+        self.open.clear()
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)     # wakes the thread in accept()
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            self.drop_all()
+        for thread in self.threads:
+            thread.join(timeout=10)
 
 
 class Clients:

@@ -4,73 +4,13 @@ instead of the bytes, and another client copies what it has instead of downloadi
 from __future__ import annotations
 
 import os
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import Clients, tree, wait_until, write
-
-
-class CountingProxy:
-    """A TCP proxy on a loopback port that counts the bytes each way (the wire)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.bytes = 0
-        self.lock = threading.Lock()
-        self.open: list[socket.socket] = []
-        self.threads: list[threading.Thread] = []
-        self.spawn(self.accept)
-
-    def spawn(self, target: Any, *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self.threads.append(thread)
-        thread.start()
-
-    def accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self.listener.accept()
-            except OSError:
-                return                                   # closed
-            self.spawn(self.serve, downstream)
-
-    def serve(self, downstream: socket.socket) -> None:
-        with downstream, socket.create_connection(("127.0.0.1", self.target_port)) as upstream:
-            with self.lock:
-                self.open.extend((downstream, upstream))
-            back = threading.Thread(target=self.pipe, args=(upstream, downstream), daemon=True)
-            back.start()
-            self.pipe(downstream, upstream)
-            back.join(timeout=60)
-
-    def pipe(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                with self.lock:
-                    self.bytes += len(data)
-                sink.sendall(data)
-            sink.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.listener.close()
-        with self.lock:
-            for sock in self.open:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)      # wakes a thread waiting in recv
-                except OSError:
-                    pass
-        for thread in self.threads:
-            thread.join(timeout=10)
+from conftest import Clients, CountingProxy, tree, wait_until, write
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,12 @@ def test_remote_change_with_a_bad_path_is_refused(tmp_path: Path) -> None:
     assert (change.type, change.path) == ("delete", "ok/a")
 
 
+def client_args(folder: str, server: Any, client_id: str, *extra: str) -> argparse.Namespace:
+    """`python syncd.py client` flags, parsed as the command line parses them."""
+    return syncd.main_parser().parse_args(["client", folder, "--server", str(server.make_url("")),
+                                           "--client-id", client_id, *extra])
+
+
 async def test_a_bug_stops_the_live_client_instead_of_retrying_for_ever(
         aiohttp_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -163,8 +170,7 @@ async def test_a_bug_stops_the_live_client_instead_of_retrying_for_ever(
     async def buggy(self: Any) -> Any:
         raise KeyError("a bug")
     monkeypatch.setattr(syncd.SyncClient, "full_pass", buggy)
-    args = argparse.Namespace(folder=str(tmp_path / "mine"), server=str(server.make_url("")),
-                              client_id="dev", once=False, accept_deletions=False)
+    args = client_args(str(tmp_path / "mine"), server, "dev")
     code = await asyncio.wait_for(syncd.run_client(args, None), timeout=20)
     assert code == syncd.EXIT_CLIENT_FAILED
     assert "internal error" in caplog.text and "KeyError: 'a bug'" in caplog.text
@@ -189,12 +195,34 @@ async def test_against_a_server_without_bulk_the_client_uploads_one_by_one(
     folder = tmp_path / "mine"
     for index in range(3):
         write(folder, f"{index}.txt", b"%d" % index)
-    args = argparse.Namespace(folder=str(folder), server=str(server.make_url("")),
-                              client_id="old", once=True, full=False, accept_deletions=False)
+    args = client_args(str(folder), server, "old", "--once")
     caplog.set_level("INFO", "syncd.client")
     assert await asyncio.wait_for(syncd.run_client(args, None), timeout=30) == 0
     assert (tmp_path / "data" / "2.txt").read_bytes() == b"2"
     assert "bulk-refused status=404" in caplog.text
+
+
+async def test_against_a_server_without_tus_the_client_uploads_in_one_request(
+        aiohttp_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app = syncd.make_app(make_config(tmp_path))
+
+    @web.middleware
+    async def no_tus(request: web.Request, handler: Any) -> Any:
+        if request.path.startswith("/uploads/"):
+            return web.json_response({"error": "not_found", "message": "no"}, status=404)
+        return await handler(request)
+    app.middlewares.append(no_tus)
+    server = await aiohttp_server(app)
+    folder = tmp_path / "mine"
+    data = os.urandom(9 * 1024 * 1024)
+    write(folder, "big.bin", data)
+    write(folder, "big2.bin", data[::-1])
+    args = client_args(str(folder), server, "old", "--once")
+    caplog.set_level("INFO", "syncd.client")
+    assert await asyncio.wait_for(syncd.run_client(args, None), timeout=30) == 0
+    assert (tmp_path / "data" / "big.bin").read_bytes() == data
+    assert (tmp_path / "data" / "big2.bin").read_bytes() == data[::-1]
+    assert "tus-unavailable status=404" in caplog.text
 
 
 async def test_a_bug_in_the_watcher_stops_the_live_client(
@@ -207,8 +235,7 @@ async def test_a_bug_in_the_watcher_stops_the_live_client(
         raise KeyError("a bug in the watcher")
     monkeypatch.setattr(syncd.SyncClient, "push_paths", buggy)
     folder = tmp_path / "mine"
-    args = argparse.Namespace(folder=str(folder), server=str(server.make_url("")),
-                              client_id="dev", once=False, full=False, accept_deletions=False)
+    args = client_args(str(folder), server, "dev")
     running = asyncio.ensure_future(syncd.run_client(args, None))
     try:
         for index in range(100):       # until the watcher is up and sees one (20 s at most)

@@ -258,3 +258,24 @@ async def test_tuspy_uploads_into_syncd_unchanged(client: Any, data_dir: Path,
     await asyncio.to_thread(upload)
     assert (data_dir / "from-tuspy.bin").read_bytes() == data
     assert partials(data_dir) == []
+
+
+async def test_a_stalled_chunk_is_408_and_keeps_what_arrived(app_client: Any,
+                                                            data_dir: Path) -> None:
+    client = await app_client(upload_idle_timeout=0.3)
+    data = os.urandom(100_000)
+    location = (await create(client, len(data))).headers["Location"]
+
+    async def stalling() -> Any:
+        yield data[:40_000]
+        await asyncio.sleep(3)
+        yield data[40_000:]
+    response = await client.patch(location, data=stalling(), headers={
+        **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream",
+        "Content-Length": str(len(data))})
+    assert (await error_of(response, 408))["error"] == "request_timeout"
+    assert response.headers["Tus-Resumable"] == "1.0.0"
+    head = await client.head(location, headers=TUS)
+    assert head.headers["Upload-Offset"] == "40000"
+    assert (await patch(client, location, 40_000, data[40_000:])).status == 204
+    assert (data_dir / "video.mp4").read_bytes() == data
