@@ -59,6 +59,7 @@ import resource
 import secrets
 import signal
 import socket
+import ssl
 import sqlite3
 import stat
 import sys
@@ -118,6 +119,7 @@ CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")   # Unicode category Cc, exactly
 WS_CLOSE_SILENT = 4000
 WS_CLOSE_REPLACED = 4001
 WS_CLOSE_OVERFLOW = 4002
+WS_CLOSE_REVOKED = 4003
 WS_CLOSE_GOING_AWAY = 1001
 STATUS_INTERVAL = 10.0          # seconds between STATUS= updates to systemd
 HEALTH_CHECK_INTERVAL = 1.0     # /health asks the database at most this often
@@ -194,6 +196,12 @@ class Config:
     max_partial_uploads: int = setting(16, "resumable uploads one client may have open")
     max_partial_bytes: int = setting(64 * 1024 ** 3, "bytes (Upload-Length) the open "
                                      "resumable uploads of one client may add up to")
+    trusted_proxies: tuple[str, ...] = setting((), "addresses of reverse proxies whose "
+                                               "X-Forwarded-For names the client, e.g. "
+                                               '"127.0.0.1"')
+    tls_cert_file: str | None = setting(None, "serve HTTPS and WSS with this certificate "
+                                        "(PEM, the chain after it); SIGHUP reloads it")
+    tls_key_file: str | None = setting(None, "the certificate's private key (PEM)")
 
 
 # Settings a SIGHUP cannot change: they need a restart.
@@ -365,6 +373,17 @@ def parse_hosts(value: Any) -> tuple[str, ...]:
     return tuple(hosts)
 
 
+def parse_addresses(value: Any) -> tuple[str, ...]:
+    """IP addresses like ["127.0.0.1", "::1"], stored in their normal form."""
+    addresses = []
+    for item in parse_list(value, '["127.0.0.1"]'):
+        try:
+            addresses.append(str(ipaddress.ip_address(item.strip())))
+        except (ValueError, AttributeError):
+            raise ValueError(f'expected IP addresses like "127.0.0.1", got {item!r}') from None
+    return tuple(addresses)
+
+
 def parse_log_level(value: Any) -> str:
     """One of debug, info, warning, error, critical."""
     if isinstance(value, str) and value.strip().lower() in LOG_LEVELS:
@@ -401,6 +420,9 @@ SETTING_PARSERS: dict[str, Callable[[Any], Any]] = {
     "upload_expiry": parse_seconds,
     "max_partial_uploads": parse_positive_whole,
     "max_partial_bytes": parse_size,
+    "trusted_proxies": parse_addresses,
+    "tls_cert_file": parse_text,
+    "tls_key_file": parse_text,
 }
 assert set(SETTING_PARSERS) == {f.name for f in fields(Config)}
 
@@ -479,7 +501,37 @@ def load_config(
     config = Config(**values)
     if config.heartbeat_timeout < config.heartbeat_interval:
         raise ConfigError("heartbeat_timeout: must be at least heartbeat_interval")
+    tls_context(config)
     return config
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context (None without TLS): the ssl module's secure defaults for a
+    server, TLS 1.2 at least. ConfigError, naming the setting, when a file cannot be read
+    or the key does not match the certificate."""
+    if (config.tls_cert_file is None) != (config.tls_key_file is None):
+        missing = "tls_key_file" if config.tls_key_file is None else "tls_cert_file"
+        raise ConfigError(f"{missing}: tls_cert_file and tls_key_file go together")
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    for key in ("tls_cert_file", "tls_key_file"):
+        path = getattr(config, key)
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise ConfigError(f"tls_key_file: {config.tls_key_file} is not the key of the "
+                              f"certificate in {config.tls_cert_file}") from None
+        raise ConfigError(f"tls_cert_file: cannot load {config.tls_cert_file} with "
+                          f"{config.tls_key_file} as PEM: {exc.reason or exc}") from None
+    return context
 
 
 def key_file_warning(config: Config) -> str | None:
@@ -797,6 +849,12 @@ class TooManyUploads(Refused):
     code = "too_many_uploads"
 
 
+class NameTaken(Refused):
+    """A device of that name is enrolled (and not revoked)."""
+
+    code = "conflict"
+
+
 class StorageUnusable(Exception):
     """The tree or its database cannot be opened at start-up."""
 
@@ -970,6 +1028,24 @@ class ClientRecord:
     version: str | None
     registered_at: float
     last_seen: float
+
+
+@dataclass(slots=True)
+class Device:
+    """A device enrolled with a token of its own (SPEC Part 2, "Devices and tokens"): it acts
+    only as the client id of its name, within its scope. The token itself is never kept."""
+
+    name: str
+    scope: str             # "read", "write" or "admin"
+    token_hash: str        # SHA-256 of the token, hex
+    created: float
+    last_seen: float | None
+    revoked: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's device entry."""
+        return {"device": self.name, "scope": self.scope, "created": self.created,
+                "last_seen": self.last_seen, "revoked": self.revoked}
 
 
 @dataclass(frozen=True, slots=True)
@@ -1419,6 +1495,18 @@ class MetadataStore(abc.ABC):
         """Every registered client, by id."""
 
     @abc.abstractmethod
+    async def save_device(self, device: Device) -> None:
+        """Store (or replace) a device's record."""
+
+    @abc.abstractmethod
+    async def list_devices(self) -> list[Device]:
+        """Every device, revoked ones included."""
+
+    @abc.abstractmethod
+    async def note_devices_seen(self, seen: Mapping[str, float]) -> None:
+        """Record when devices were last seen (name -> time)."""
+
+    @abc.abstractmethod
     async def check(self) -> None:
         """Raise if the database cannot answer a query (cheap: /health calls it)."""
 
@@ -1530,6 +1618,14 @@ CREATE TABLE IF NOT EXISTS clients (
     registered_at REAL NOT NULL,
     last_seen     REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS devices (
+    name          TEXT PRIMARY KEY,
+    scope         TEXT NOT NULL CHECK (scope IN ('read', 'write', 'admin')),
+    token_hash    TEXT NOT NULL UNIQUE,
+    created       REAL NOT NULL,
+    last_seen     REAL,
+    revoked       INTEGER NOT NULL
+);
 """
 
 FILE_COLUMNS = "path, checksum, size, modified_time, revision, deleted, time, client_id, mtime_ns"
@@ -1548,6 +1644,7 @@ SQLITE_FAILING_CODES = frozenset({
 
 
 UPLOAD_COLUMNS = "id, client_id, length, received, metadata, expires"
+DEVICE_COLUMNS = "name, scope, token_hash, created, last_seen, revoked"
 
 
 def partial_upload(row: Sequence[Any]) -> PartialUpload:
@@ -1915,6 +2012,28 @@ class SQLiteStore(MetadataStore):
             "SELECT client_id, name, platform, version, registered_at, last_seen"
             " FROM clients ORDER BY client_id")
         return [ClientRecord(*row) for row in rows]
+
+    async def save_device(self, device: Device) -> None:
+        """Store or replace a device's record."""
+        async with self.transaction() as tx:
+            assert isinstance(tx, SQLiteTransaction)
+            await tx.db.execute(
+                f"INSERT OR REPLACE INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (device.name, device.scope, device.token_hash, device.created,
+                 device.last_seen, int(device.revoked)))
+
+    async def list_devices(self) -> list[Device]:
+        """Every device, by name."""
+        rows = await self.reader.execute_fetchall(
+            f"SELECT {DEVICE_COLUMNS} FROM devices ORDER BY name")
+        return [Device(row[0], row[1], row[2], row[3], row[4], bool(row[5])) for row in rows]
+
+    async def note_devices_seen(self, seen: Mapping[str, float]) -> None:
+        """Record when devices were last seen."""
+        async with self.transaction() as tx:
+            assert isinstance(tx, SQLiteTransaction)
+            await tx.db.executemany("UPDATE devices SET last_seen = ? WHERE name = ?",
+                                    [(when, name) for name, when in seen.items()])
 
     async def check(self) -> None:
         """Raise if the database cannot answer a query (asked at most once a second, so
@@ -3220,6 +3339,7 @@ class Connection:
     closing: bool = False
     allowance: float = WS_MESSAGE_BURST     # token bucket for the client's own messages
     told_unknown: bool = False              # unknown message types are answered once
+    device: str | None = None               # the device whose token opened it
 
     def may_send(self, now: float) -> bool:
         """Take one token; False when the client sends faster than WS_MESSAGE_RATE."""
@@ -3284,6 +3404,13 @@ class Hub:
             del self.connections[conn.client_id]
             return True
         return False
+
+    def drop_device(self, name: str) -> int:
+        """Close (4003) the connections a revoked device's token opened; how many."""
+        gone = [conn for conn in self.connections.values() if conn.device == name]
+        for conn in gone:
+            self.drop(conn, WS_CLOSE_REVOKED, "the device was revoked")
+        return len(gone)
 
     def publish(self, event: dict[str, Any], exclude: str | None = None) -> None:
         """Queue event for every connected client but exclude, without waiting."""
@@ -4571,6 +4698,140 @@ def upload_of_metadata(tree: Tree, metadata: Mapping[str, str]) -> Upload:
 
 
 # ===========================================================================
+# Devices: a token per device, revocable; failed authentications per address
+# ===========================================================================
+
+DEVICE_SCOPES = ("read", "write", "admin")      # each allows what the ones before it do
+TOKEN_PREFIX = "syncd_"                         # makes a leaked token easy to grep for
+DEVICE_SEEN_FLUSH = 60.0                        # seconds between writes of last_seen
+
+
+def token_hash(token: str) -> str:
+    """What is kept of a token. A fast hash is enough: a token has 256 random bits, so
+    there is no dictionary to try, unlike a password."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class Devices:
+    """The enrolled devices, held in memory (every request asks) and kept in the store.
+    last_seen is noted in memory and written every DEVICE_SEEN_FLUSH seconds."""
+
+    def __init__(self, store: MetadataStore) -> None:
+        self.store = store
+        self.by_name: dict[str, Device] = {}
+        self.by_hash: dict[str, Device] = {}
+        self.seen: dict[str, float] = {}
+
+    async def load(self) -> None:
+        """Read the devices from the store."""
+        self.by_name = {device.name: device for device in await self.store.list_devices()}
+        self.by_hash = {device.token_hash: device for device in self.by_name.values()}
+
+    def find(self, token: str) -> Device | None:
+        """The device a token belongs to, revoked or not. Looked up by its hash: the time a
+        lookup takes can tell only about the hash, which does not lead back to a token."""
+        digest = token_hash(token)
+        device = self.by_hash.get(digest)
+        if device is None or not hmac.compare_digest(device.token_hash, digest):
+            return None
+        return device
+
+    async def add(self, name: str, scope: str) -> tuple[Device, str]:
+        """Enrol a device (again, if it was revoked): the device and its new token, which
+        exists only in the answer."""
+        current = self.by_name.get(name)
+        if current is not None and not current.revoked:
+            raise NameTaken(f"a device named {name} is enrolled: revoke it first, or choose "
+                            "another name")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        device = Device(name, scope, token_hash(token), time.time(), None, False)
+        await self.store.save_device(device)
+        if current is not None:
+            self.by_hash.pop(current.token_hash, None)
+        self.by_name[name], self.by_hash[device.token_hash] = device, device
+        log.info("device %s enrolled (scope %s)", name, scope)
+        return device, token
+
+    async def revoke(self, name: str) -> Device:
+        """Revoke a device's token: it is refused from now on (its record stays)."""
+        device = self.by_name.get(name)
+        if device is None:
+            raise NotFound(f"no device {name}")
+        if not device.revoked:
+            await self.store.save_device(replace(device, revoked=True))
+            device.revoked = True
+            log.info("device %s revoked", name)
+        return device
+
+    def note_seen(self, device: Device) -> None:
+        """The device made a request now."""
+        device.last_seen = self.seen[device.name] = time.time()
+
+    async def flush_seen(self) -> None:
+        """Write the last_seen times noted since the last flush."""
+        if self.seen:
+            seen, self.seen = self.seen, {}
+            await self.store.note_devices_seen(seen)
+
+    async def flush_forever(self) -> None:
+        """The task that writes last_seen now and then."""
+        while True:
+            await asyncio.sleep(DEVICE_SEEN_FLUSH)
+            try:
+                await self.flush_seen()
+            except Exception as exc:
+                log.warning("could not record when devices were last seen: %s", exc)
+
+
+AUTH_FAILURE_RATE = 2.0        # failed authentications per second an address earns back
+AUTH_FAILURE_BURST = 10        # failed authentications an address may make at once
+AUTH_ADDRESSES_KEPT = 10_000   # addresses tracked at most (the oldest are forgotten)
+
+
+class FailedLogins:
+    """Failed authentications per source address, as a token bucket each: a few per
+    second, then 429 with Retry-After, so that a token cannot be guessed online. A
+    warning is logged once per burst of one address, not once per request."""
+
+    def __init__(self, rate: float = AUTH_FAILURE_RATE, burst: int = AUTH_FAILURE_BURST,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.buckets: dict[str, list[float]] = {}     # address -> [allowance, when, warned]
+
+    def _allowance(self, address: str) -> list[float] | None:
+        bucket = self.buckets.get(address)
+        if bucket is None:
+            return None
+        now = self.clock()
+        bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if bucket[0] >= self.burst:                 # recovered: forget it
+            del self.buckets[address]
+            return None
+        return bucket
+
+    def retry_after(self, address: str) -> int | None:
+        """Seconds until the address may try again, or None when it may now."""
+        bucket = self._allowance(address)
+        if bucket is None or bucket[0] >= 1:
+            return None
+        return max(1, math.ceil((1 - bucket[0]) / self.rate))
+
+    def failed(self, address: str) -> None:
+        """Count a failed authentication from address."""
+        bucket = self._allowance(address)
+        if bucket is None:
+            if len(self.buckets) >= AUTH_ADDRESSES_KEPT:
+                del self.buckets[next(iter(self.buckets))]
+            bucket = self.buckets[address] = [float(self.burst), self.clock(), 0.0]
+        bucket[0] -= 1
+        if bucket[0] < 1 and not bucket[2]:
+            bucket[2] = 1.0
+            log.warning("authentication failed %d times in a row from %s: refusing it for a "
+                        "while (429)", self.burst, address)
+
+
+# ===========================================================================
 # HTTP: request parsing helpers
 # ===========================================================================
 
@@ -4594,6 +4855,9 @@ class State:
 
     tree: Tree
     uploads: ResumableUploads
+    devices: Devices
+    failed_logins: FailedLogins = field(default_factory=FailedLogins)
+    tls: ssl.SSLContext | None = None       # the live one: a reload loads new files into it
     started: float = field(default_factory=time.monotonic)
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -4609,6 +4873,7 @@ class State:
 
 STATE = web.AppKey("state", State)
 CLIENT_ID = web.RequestKey("client_id", str)
+DEVICE = web.RequestKey("device", Device)      # set when a device token authenticated it
 
 
 def state_of(request: web.Request) -> State:
@@ -4932,7 +5197,12 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 def note_client(request: web.Request, client_id: str) -> str:
-    """Remember the request's client id for the access log."""
+    """Remember the request's client id for the access log; 403 when a device token
+    claims another client id than its device's (a device acts only as itself)."""
+    device = request.get(DEVICE)
+    if device is not None and client_id != device.name:
+        raise forbidden(f"this token belongs to device {device.name}, which acts only as the "
+                        f"client id {device.name} (not {client_id})")
     request[CLIENT_ID] = client_id
     return client_id
 
@@ -5488,6 +5758,7 @@ async def handle_tus_upload(request: web.Request) -> web.StreamResponse:
     uploads = state_of(request).uploads
     method = tus_method(request)
     upload = await uploads.get(request.match_info["id"])
+    note_client(request, upload.client_id)          # a device may touch only its own
     if method == "HEAD":
         return web.Response(status=200, headers={**tus_headers(upload),
                                                  "Cache-Control": "no-store"})
@@ -5683,6 +5954,8 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
              "epoch": tree.store.epoch, "server_time": time.time()}
     # No await between reading the cursor and joining the hub: no event is missed or doubled.
     conn = hub.connect(client_id, ws, request.transport, hello)
+    if (device := request.get(DEVICE)) is not None:
+        conn.device = device.name
     log.info("client %s connected", client_id)
     try:
         async for msg in ws:
@@ -5696,6 +5969,36 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
             hub.publish({"type": "client_left", "client_id": client_id}, exclude=client_id)
             log.info("client %s disconnected", client_id)
     return ws
+
+
+async def handle_add_device(request: web.Request) -> web.Response:
+    """POST /devices {"name", "scope"?}: enrol a device; its token is in this answer only."""
+    data = await read_json_object(request)
+    name = validate_client_id(data.get("name"))
+    scope = data.get("scope", "write")
+    if scope not in DEVICE_SCOPES:
+        raise invalid_request("scope must be one of " + ", ".join(DEVICE_SCOPES))
+    device, token = await state_of(request).devices.add(name, scope)
+    response = json_response({"device": device.name, "scope": device.scope, "token": token},
+                             status=201)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def handle_list_devices(request: web.Request) -> web.Response:
+    """GET /devices: every device, revoked ones too (never a token)."""
+    devices = sorted(state_of(request).devices.by_name.values(), key=lambda device: device.name)
+    return json_response({"devices": [device.to_json() for device in devices]})
+
+
+async def handle_revoke_device(request: web.Request) -> web.Response:
+    """DELETE /devices/{name}: its token is refused from now on, its WebSockets closed."""
+    state = state_of(request)
+    device = await state.devices.revoke(request.match_info["name"])
+    closed = state.tree.hub.drop_device(device.name)
+    if closed:
+        log.info("device %s: %d WebSocket(s) closed", device.name, closed)
+    return json_response({"success": True, **device.to_json()})
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -5763,7 +6066,7 @@ REFUSAL_STATUS: dict[type[Refused], int] = {
     PreconditionFailed: 412, TooLarge: 413, ExtensionNotAllowed: 415,
     StorageFailing: 503, StorageFull: 507,
     WrongOffset: 409, UploadGone: 410, TusUnsupported: 412, WrongContentType: 415,
-    TooManyUploads: 429, ChunkChecksumMismatch: 460,
+    TooManyUploads: 429, ChunkChecksumMismatch: 460, NameTaken: 409,
 }
 
 
@@ -5844,6 +6147,25 @@ def is_local_host(name: str) -> bool:
     return True
 
 
+def source_address(request: web.Request, config: Config) -> str:
+    """Who sent the request: the peer, or, when the peer is a trusted proxy, the address
+    that proxy says it forwarded for (the last X-Forwarded-For entry: the one it added)."""
+    peer = request.remote or "-"
+    forwarded = request.headers.get("X-Forwarded-For")
+    if forwarded and peer in config.trusted_proxies:
+        return forwarded.rsplit(",", 1)[-1].strip() or peer
+    return peer
+
+
+def request_scheme(request: web.Request, config: Config) -> str:
+    """http or https as the client used it: a trusted proxy's X-Forwarded-Proto (TLS ends
+    at the proxy), else our own."""
+    proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+    if proto in ("http", "https") and (request.remote or "") in config.trusted_proxies:
+        return proto
+    return request.scheme
+
+
 def check_browser_request(request: web.Request, config: Config) -> None:
     """403 for what a web page in the user's browser could send us (SPEC Part 2, "Browsers").
 
@@ -5854,7 +6176,7 @@ def check_browser_request(request: web.Request, config: Config) -> None:
     origin = request.headers.get("Origin")
     host = request.headers.get("Host")
     if origin is not None and not (request.method == "GET" and request.path == "/health"):
-        own = normal_origin(f"{request.scheme}://{host}") if host else None
+        own = normal_origin(f"{request_scheme(request, config)}://{host}") if host else None
         theirs = normal_origin(origin)
         if theirs is None or (theirs != own and theirs not in config.allowed_origins):
             raise forbidden("requests from another site's page are refused "
@@ -5883,25 +6205,66 @@ def key_matches(presented: str, expected: str) -> bool:
                                expected.encode("utf-8"))
 
 
-def check_api_key(request: web.Request, config: Config) -> None:
-    """401 unless the request carries the configured API key (/health, and /metrics if
-    public, are open)."""
-    expected = config.api_key
+def unauthorized(message: str) -> ApiError:
+    """401, with the challenge RFC 6750 names."""
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def required_scope(method: str, path: str) -> str:
+    """The scope a route needs: admin for the devices and for destroying versions (a
+    stolen device must not be able to make its deletions final), read for what only
+    reads (and /sync, /register, the WebSocket), write for the rest."""
+    if path == "/devices" or path.startswith("/devices/") or (
+            method == "DELETE" and path.startswith("/versions/")):
+        return "admin"
+    if method in ("GET", "HEAD", "OPTIONS") or path in ("/sync", "/register"):
+        return "read"
+    return "write"
+
+
+def authenticate(request: web.Request, state: State) -> None:
+    """401 unless the request carries the API key (the admin) or a device's token that is
+    not revoked, 403 when the device's scope does not cover the route, 429 for an address
+    that failed too often. /health, and /metrics when public, are open. Without api_key
+    every request is, but a device token, when presented, still confines it (and a revoked
+    one is refused); any other key presented is ignored there, as it always was."""
+    config = state.config
     open_paths = ("/health", "/metrics") if config.metrics_public else ("/health",)
-    if expected is not None and request.path not in open_paths:
-        presented = presented_key(request)
-        if presented is None or not key_matches(presented, expected):
-            raise ApiError(401, "unauthorized", "a valid API key is required",
-                           headers={"WWW-Authenticate": "Bearer"})
+    if request.path in open_paths:
+        return
+    presented = presented_key(request)
+    if presented is None:
+        if config.api_key is not None:
+            raise unauthorized("a valid API key or device token is required")
+        return
+    address = source_address(request, config)
+    if (wait := state.failed_logins.retry_after(address)) is not None:
+        raise ApiError(429, "too_many_attempts", "too many failed authentications from "
+                       f"{address}: try again in {wait} s", headers={"Retry-After": str(wait)})
+    if config.api_key is not None and key_matches(presented, config.api_key):
+        return
+    device = state.devices.find(presented)
+    if device is None and config.api_key is None:
+        return
+    if device is None or device.revoked:
+        state.failed_logins.failed(address)
+        raise unauthorized("this device's token was revoked" if device is not None else
+                           "a valid API key or device token is required")
+    state.devices.note_seen(device)
+    request[DEVICE] = device
+    needed = required_scope(request.method, request.path)
+    if DEVICE_SCOPES.index(device.scope) < DEVICE_SCOPES.index(needed):
+        raise forbidden(f"device {device.name} has the scope {device.scope}; "
+                        f"this needs {needed}")
 
 
 @web.middleware
 async def admission_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Refuse cross-site and DNS-rebinding requests before anything else looks at them,
-    then requests without the API key."""
-    config = state_of(request).config
-    check_browser_request(request, config)
-    check_api_key(request, config)
+    then requests without the API key or a device token."""
+    state = state_of(request)
+    check_browser_request(request, state.config)
+    authenticate(request, state)
     return await handler(request)
 
 
@@ -5923,13 +6286,18 @@ async def storage_context(app: web.Application) -> AsyncIterator[None]:
     """Open the tree (recovering, rehashing in the background), serve, close it."""
     state = app[STATE]
     await state.tree.open(state.accept_deletions)
-    sweeper = asyncio.ensure_future(state.uploads.sweep_forever())
+    await state.devices.load()
+    tasks = Background()
+    tasks.spawn(state.uploads.sweep_forever())
+    tasks.spawn(state.devices.flush_forever())
     try:
         yield
     finally:
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        await tasks.cancel()
+        try:
+            await state.devices.flush_seen()
+        except Exception as exc:
+            log.warning("could not record when devices were last seen: %s", exc)
         await state.tree.close()
 
 
@@ -5946,7 +6314,8 @@ def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
                 files=FileStore(root),
                 hub=Hub(config.ws_queue_size, config.heartbeat_interval, config.heartbeat_timeout),
                 metrics=Metrics())
-    state = State(tree, ResumableUploads(tree), accept_deletions=accept_deletions)
+    state = State(tree, ResumableUploads(tree), Devices(tree.store),
+                  accept_deletions=accept_deletions)
     tree.metrics.watch(lambda: gauges_of(state))
     app = web.Application(middlewares=[accounting_middleware, error_middleware,
                                        admission_middleware],
@@ -5978,6 +6347,9 @@ def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
     app.router.add_delete("/versions/{path:.*}", handle_delete_versions)
     app.router.add_get("/trash", handle_trash)
     app.router.add_post("/restore", handle_restore)
+    app.router.add_post("/devices", handle_add_device)
+    app.router.add_get("/devices", handle_list_devices)
+    app.router.add_delete("/devices/{name}", handle_revoke_device)
     return app
 
 
@@ -6051,12 +6423,21 @@ async def send_status(notifier: Notifier, state: State) -> None:
 
 
 def apply_config(state: State, new: Config) -> None:
-    """Make a reloaded config current; settings that need a restart keep their old value."""
+    """Make a reloaded config current; settings that need a restart keep their old value.
+    A certificate and key are loaded for new connections (the way a renewal is taken);
+    turning TLS on or off needs a restart."""
     old = state.config
-    for name in RESTART_SETTINGS:
+    kept = list(RESTART_SETTINGS)
+    if (new.tls_cert_file is None) != (old.tls_cert_file is None):
+        kept += ["tls_cert_file", "tls_key_file"]
+    for name in kept:
         if getattr(new, name) != getattr(old, name):
             log.warning("%s changed in the configuration: it takes effect after a restart", name)
-    state.tree.configure(replace(new, **{name: getattr(old, name) for name in RESTART_SETTINGS}))
+    new = replace(new, **{name: getattr(old, name) for name in kept})
+    if state.tls is not None and new.tls_cert_file is not None:
+        state.tls.load_cert_chain(new.tls_cert_file, new.tls_key_file)   # checked by load()
+        log.info("TLS certificate loaded from %s for new connections", new.tls_cert_file)
+    state.tree.configure(new)
 
 
 async def reload_config(state: State, notifier: Notifier,
@@ -6070,7 +6451,7 @@ async def reload_config(state: State, notifier: Notifier,
         if warning := key_file_warning(new):
             log.warning("%s", warning)
         set_log_level(state.config.log_level)     # after the line above, which it may silence
-    except ConfigError as exc:
+    except (ConfigError, ssl.SSLError, OSError) as exc:
         log.error("configuration not reloaded, keeping the old one: %s", exc)
     notifier.send("READY=1", await status_line(state))
 
@@ -6232,6 +6613,11 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
     notifier = Notifier(environ)
     app = make_app(config, accept_deletions)
     state = app[STATE]
+    try:
+        state.tls = tls_context(config)
+    except ConfigError as exc:      # the files changed since the config was checked
+        log.error("%s", exc)
+        return EXIT_CONFIG
     # aiohttp's keep-alive timer runs from the connection's start until a whole
     # request has arrived, so it is also the deadline for slow request headers.
     runner = web.AppRunner(app, handle_signals=False, access_log_class=AccessLogger,
@@ -6260,12 +6646,12 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
         try:
             listener = await loop.create_server(
                 ConnectionCap(runner.server, cap), config.host, config.port,  # type: ignore[arg-type]
-                reuse_address=True, backlog=LISTEN_BACKLOG)
+                reuse_address=True, backlog=LISTEN_BACKLOG, ssl=state.tls)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
             return 1
-        log.info("syncd %s listening on http://%s:%d (event loop: %s)", __version__,
-                 config.host, config.port, loop_name())
+        log.info("syncd %s listening on %s://%s:%d (event loop: %s)", __version__,
+                 "https" if state.tls else "http", config.host, config.port, loop_name())
         notifier.send("READY=1", await status_line(state))
         if notifier.watchdog_interval:
             tasks.spawn(send_watchdog(notifier, notifier.watchdog_interval))
@@ -6323,10 +6709,25 @@ RESUME_DELAY = 0.5                     # seconds before the first retry; doubled
 WATCH_DEBOUNCE_MS = 300
 RECONNECT_MAX_DELAY = 60.0
 EXIT_CLIENT_FAILED = 1
+TOKEN_VARIABLE = "SYNCD_TOKEN"          # the device token, when no flag gives one
 
 
 class ClientError(Exception):
     """A pass cannot go on: the server refused us, or sent what we cannot use (retried)."""
+
+
+class AuthRefused(Exception):
+    """The server refused our key or token (401), or what it lets us do (403): only the
+    user can mend that, so the client stops (exit 2) instead of retrying."""
+
+
+def auth_refusal(status: int, body: Any) -> AuthRefused:
+    """The one line a 401 or 403 stops the client with."""
+    detail = body.get("message") if isinstance(body, dict) else None
+    if status == 401:
+        return AuthRefused(f"the server refused the API key or device token (401): "
+                           f"{detail or 'unauthorized'}")
+    return AuthRefused(f"the server forbids it (403): {detail or 'forbidden'}")
 
 
 class UploadInterrupted(Exception):
@@ -6758,8 +7159,8 @@ class SyncClient:
         headers = {**self.headers, **kwargs.pop("headers", {})}
         async with self.session.request(method, url, headers=headers, **kwargs) as response:
             body = await response.json() if response.content_type == "application/json" else None
-            if response.status == 401:
-                raise ClientError("the server refused the API key (401)")
+            if response.status in (401, 403):
+                raise auth_refusal(response.status, body)
             return response.status, body, response.headers
 
     # -- one full pass ------------------------------------------------------------
@@ -7580,6 +7981,14 @@ class SyncClient:
                         delay = 1.0
                         client_log.info("live server=%s cursor=%d", self.server, self.state.cursor)
                         await self.listen(ws)
+                except aiohttp.WSServerHandshakeError as exc:
+                    if exc.status in (401, 403):
+                        # a handshake's refusal has no body: a request brings the reason
+                        await self.call("GET", "/changes", params={"since": "0", "limit": "1"})
+                        raise auth_refusal(exc.status, {
+                            "message": f"the WebSocket of client id {self.client_id} was "
+                                       "refused"}) from None
+                    client_log.warning("disconnected: %s; retrying in %.0f s", exc, delay)
                 except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError,
                         ClientError) as exc:   # anything else is a bug: run_client stops
                     client_log.warning("disconnected: %s; retrying in %.0f s", exc or type(exc).__name__, delay)
@@ -7653,6 +8062,38 @@ def draw_progress(label: str, done: int, total: int) -> None:
     sys.stdout.flush()
 
 
+def add_credential_flags(parser: argparse.ArgumentParser) -> None:
+    """How the client and the admin commands authenticate, and whom they trust."""
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", metavar="KEY", help="the server's API key (default: none)")
+    keys.add_argument("--api-key-file", metavar="PATH",
+                      help="a file holding only the server's API key")
+    keys.add_argument("--token-file", metavar="PATH",
+                      help=f"a file holding only this device's token (default: "
+                           f"${TOKEN_VARIABLE}, if set)")
+    parser.add_argument("--ca-file", metavar="PATH",
+                        help="trust the server's certificate if this CA (PEM) signed it, "
+                             "for a private CA (default: the system's CAs)")
+
+
+def read_credential(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """The key or token to present: --token-file, --api-key-file, --api-key, else the
+    environment's SYNCD_TOKEN; ConfigError when a file cannot be read."""
+    if args.token_file:
+        return read_api_key_file(args.token_file)
+    if args.api_key_file:
+        return read_api_key_file(args.api_key_file)
+    return args.api_key or environ.get(TOKEN_VARIABLE) or None
+
+
+def client_session(args: argparse.Namespace, timeout: aiohttp.ClientTimeout
+                   ) -> aiohttp.ClientSession:
+    """An HTTP session that verifies https:// servers (against --ca-file when given)."""
+    context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else None
+    return aiohttp.ClientSession(timeout=timeout,
+                                 connector=aiohttp.TCPConnector(ssl=context or True))
+
+
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of `python syncd.py client`."""
     parser.add_argument("folder", help="the folder to sync (created if missing)")
@@ -7661,10 +8102,7 @@ def add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-id", metavar="ID",
                         help="this device's id, kept in FOLDER/.syncd-client/ "
                              "(default: the one kept there, else the host name)")
-    keys = parser.add_mutually_exclusive_group()
-    keys.add_argument("--api-key", metavar="KEY", help="the server's API key (default: none)")
-    keys.add_argument("--api-key-file", metavar="PATH",
-                      help="a file holding only the server's API key")
+    add_credential_flags(parser)
     parser.add_argument("--once", action="store_true",
                         help="one pass, then exit: 0, 1 if anything failed, 3 if most "
                              "tracked files are gone (default: stay connected and live). "
@@ -7706,7 +8144,7 @@ async def run_client(args: argparse.Namespace, api_key: str | None) -> int:
                         args.resumable_min_size)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with client_session(args, timeout) as session:
             client.session = session
             if args.once:
                 report = await client.one_pass(full=args.full)
@@ -7719,6 +8157,9 @@ async def run_client(args: argparse.Namespace, api_key: str | None) -> int:
     except MassVanish as exc:
         client_log.error("%s", exc)
         return EXIT_MASS_VANISH
+    except AuthRefused as exc:
+        client_log.error("%s", exc)
+        return EXIT_CONFIG
     except (ClientError, aiohttp.ClientError, OSError) as exc:
         client_log.error("sync failed: %s", exc)
         return EXIT_CLIENT_FAILED
@@ -7737,8 +8178,10 @@ def client_main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_CONFIG
     try:
-        api_key = read_api_key_file(args.api_key_file) if args.api_key_file else args.api_key
-    except ConfigError as exc:
+        api_key = read_credential(args, os.environ)
+        if args.ca_file:
+            ssl.create_default_context(cafile=args.ca_file)
+    except (ConfigError, OSError, ssl.SSLError) as exc:
         print(f"syncd client: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(args.log_level, os.environ)
@@ -7820,7 +8263,7 @@ class Admin:
 async def run_admin(args: argparse.Namespace, api_key: str | None) -> str:
     """Carry out one admin command; what to print."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with client_session(args, timeout) as session:
         admin = Admin(session, args.server, api_key)
         if args.command == "versions":
             body = await admin.call("GET", "/versions/", args.path)
@@ -7828,7 +8271,35 @@ async def run_admin(args: argparse.Namespace, api_key: str | None) -> str:
         if args.command == "trash":
             body = await admin.call("GET", "/trash", params={"prefix": args.prefix})
             return json.dumps(body, indent=2) if args.json else trash_table(body["files"])
+        if args.command == "devices":
+            return await run_devices(admin, args)
         return await run_restore(admin, args)
+
+
+async def run_devices(admin: Admin, args: argparse.Namespace) -> str:
+    """`devices add NAME [--scope S]`, `devices list`, `devices revoke NAME`."""
+    if args.action == "add":
+        body = await admin.call("POST", "/devices", json={"name": args.name,
+                                                          "scope": args.scope})
+        if args.json:
+            return json.dumps(body, indent=2)
+        return (f"device {body['device']} enrolled with the scope {body['scope']}; its token "
+                f"(shown this once, keep it secret):\n{body['token']}")
+    if args.action == "revoke":
+        body = await admin.call("DELETE", "/devices/", args.name)
+        return json.dumps(body, indent=2) if args.json else f"device {body['device']} revoked"
+    body = await admin.call("GET", "/devices")
+    return json.dumps(body, indent=2) if args.json else devices_table(body["devices"])
+
+
+def devices_table(devices: Sequence[Mapping[str, Any]]) -> str:
+    """GET /devices as a table."""
+    if not devices:
+        return "no devices enrolled"
+    return table(["DEVICE", "SCOPE", "ENROLLED", "LAST SEEN", "STATE"], [
+        [d["device"], d["scope"], format_time(d["created"]),
+         format_time(d["last_seen"]) if d["last_seen"] else "never",
+         "revoked" if d["revoked"] else "active"] for d in devices])
 
 
 async def run_restore(admin: Admin, args: argparse.Namespace) -> str:
@@ -7886,10 +8357,7 @@ def add_admin_flags(parser: argparse.ArgumentParser) -> None:
     """The flags every admin command shares."""
     parser.add_argument("--server", default="http://127.0.0.1:8000", metavar="URL",
                         help="the running server (default: http://127.0.0.1:8000)")
-    keys = parser.add_mutually_exclusive_group()
-    keys.add_argument("--api-key", metavar="KEY", help="the server's API key (default: none)")
-    keys.add_argument("--api-key-file", metavar="PATH",
-                      help="a file holding only the server's API key")
+    add_credential_flags(parser)
     parser.add_argument("--json", action="store_true",
                         help="print the server's JSON answer (default: a table for people)")
 
@@ -7905,7 +8373,7 @@ def parse_local_time(text: str) -> float:
 
 
 def add_admin_commands(commands: Any) -> None:
-    """versions, trash and restore."""
+    """versions, trash, restore and devices."""
     versions = commands.add_parser(
         "versions", help="list the kept versions of a path",
         description="List the live file at PATH and its kept versions, newest first.")
@@ -7940,6 +8408,22 @@ def add_admin_commands(commands: Any) -> None:
     restore.add_argument("--client-id", metavar="ID",
                          help="who restores, as other devices see it (default: the host name)")
     add_admin_flags(restore)
+    devices = commands.add_parser(
+        "devices", help="enrol, list and revoke devices (each with a token of its own)",
+        description="Manage the devices of a running server (needs the admin API key). A "
+                    "device's token lets it act only as the client id of its name.")
+    actions = devices.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="enrol a device and print its token (once)")
+    add.add_argument("name", help="the device's name: its client id")
+    add.add_argument("--scope", choices=DEVICE_SCOPES, default="write",
+                     help="read: only download and sync; write: also change files "
+                          "(default); admin: everything")
+    add_admin_flags(add)
+    listing = actions.add_parser("list", help="list the devices")
+    add_admin_flags(listing)
+    revoke = actions.add_parser("revoke", help="refuse a device's token from now on")
+    revoke.add_argument("name", help="the device's name")
+    add_admin_flags(revoke)
 
 
 def admin_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -7951,8 +8435,10 @@ def admin_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if args.prefix is not None and args.at is None and args.at_time is None:
             parser.error("restore --prefix: give --at SEQ or --at-time TIME")
     try:
-        api_key = read_api_key_file(args.api_key_file) if args.api_key_file else args.api_key
-    except ConfigError as exc:
+        api_key = read_credential(args, os.environ)
+        if args.ca_file:
+            ssl.create_default_context(cafile=args.ca_file)
+    except (ConfigError, OSError, ssl.SSLError) as exc:
         print(f"syncd {args.command}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
@@ -8042,7 +8528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command == "client":
         return client_main(args)
-    if args.command in ("versions", "trash", "restore"):
+    if args.command in ("versions", "trash", "restore", "devices"):
         return admin_main(args, parser)
     return serve_main(args)
 

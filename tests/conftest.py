@@ -408,6 +408,44 @@ class CountingProxy:
             thread.join(timeout=10)
 
 
+class PKI:
+    """A throw-away certificate authority made with the openssl command, and server
+    certificates for 127.0.0.1 that it signs (or not)."""
+
+    def __init__(self, folder: Path) -> None:
+        if shutil.which("openssl") is None:
+            pytest.skip("the openssl command is not installed")
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "db").mkdir()
+        (folder / "db" / "index.txt").touch()
+        (folder / "db" / "serial").write_text("01\n")
+        (folder / "ca.cnf").write_text(
+            "[ca]\ndefault_ca = test\n[test]\ndatabase = db/index.txt\nserial = db/serial\n"
+            "new_certs_dir = db\ndefault_md = sha256\npolicy = any\ncopy_extensions = copy\n"
+            "unique_subject = no\n[any]\ncommonName = supplied\n")
+        (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        self.ca = folder / "ca.pem"
+        self.openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                     "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+                     "-subj", "/CN=syncd test CA")
+
+    def openssl(self, *args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=self.folder, check=True, capture_output=True,
+                       timeout=60)
+
+    def server(self, name: str, expired: bool = False) -> tuple[Path, Path]:
+        """A key and a certificate for 127.0.0.1 signed by the CA (expired if asked)."""
+        self.openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                     "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=127.0.0.1")
+        dates = (["-startdate", "20250101000000Z", "-enddate", "20250102000000Z"] if expired
+                 else ["-days", "1"])
+        self.openssl("ca", "-batch", "-notext", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile",
+                     "ca.key", "-in", f"{name}.csr", "-out", f"{name}.pem", "-extfile",
+                     "san.ext", *dates)
+        return self.folder / f"{name}.pem", self.folder / f"{name}.key"
+
+
 class Clients:
     """Client folders A, B, C against one server."""
 
@@ -432,10 +470,11 @@ class Clients:
         assert result.returncode == expect, result.stdout + result.stderr
         return result.stdout + result.stderr
 
-    def start(self, name: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
         log = open(self.tmp_path / f"client-{name}.log", "ab")
         self.logs.append(log)
-        process = subprocess.Popen(self.command(name), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(self.command(name, *extra), stdout=log,
+                                   stderr=subprocess.STDOUT)
         self.live.append(process)
         wait_until(lambda: "live server=" in self.log(name) or process.poll() is not None,
                    f"client {name} to go live")

@@ -156,10 +156,14 @@ def test_bad_client_id_is_a_usage_error(clients: Clients) -> None:
 
 def test_wrong_api_key_fails_clearly(tmp_path: Path, daemon: Any) -> None:
     group = Clients(tmp_path, daemon("--api-key", "right"))
-    output = group.once("A", "--api-key", "wrong", expect=1)
-    assert "401" in output
+    output = group.once("A", "--api-key", "wrong", expect=2)      # exit 2: not retried
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "refused the API key or device token (401)" in errors[0]
     write(group.folder("A"), "a.txt", b"a")
     assert "1 uploaded" in group.once("A", "--api-key", "right")
+    live = subprocess.run(group.command("A", "--api-key", "wrong"), capture_output=True,
+                          text=True, timeout=60)                 # live: no retry loop either
+    assert live.returncode == 2 and "(401)" in live.stderr
 
 
 # -- live ---------------------------------------------------------------------------

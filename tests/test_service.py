@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import sysconfig
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, wait_until
+from conftest import PKI, ROOT, free_port, wait_until
 
 KEY = "container-key"
 
@@ -180,3 +181,25 @@ def test_service_runs_reloads_logs_and_stops_under_systemd(container: Container)
     assert container.show("NRestarts") == "0"
     assert container.show("ActiveState") == "failed"
     assert "max_file_size" in container.journal()
+
+
+def test_service_serves_https_with_its_certificate_as_a_credential(container: Container,
+                                                                  tmp_path: Path) -> None:
+    """systemd/syncd-tls.conf as the README installs it: the key stays root-only."""
+    pki = PKI(tmp_path / "pki")
+    cert, key = pki.server("service")
+    (container.etc / "tls").mkdir()
+    for source, name in ((cert, "fullchain.pem"), (key, "privkey.pem")):
+        shutil.copy(source, container.etc / "tls" / name)
+        (container.etc / "tls" / name).chmod(0o600)
+    dropins = Path(f"/proc/{container.pid}/root/run/systemd/system/syncd.service.d")
+    dropins.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "systemd" / "syncd-tls.conf", dropins / "tls.conf")
+    container.run("systemctl", "daemon-reload")
+    container.run("systemctl", "start", "syncd")
+    assert container.show("ActiveState") == "active"
+    url = container.url.replace("http://", "https://")
+    context = ssl.create_default_context(cafile=pki.ca)
+    with urllib.request.urlopen(url + "/health", timeout=10, context=context) as response:
+        assert response.status == 200
+    assert "listening on https://" in container.journal()

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-import syncd
 from conftest import error_of, put, sha, tmp_files
 
 TUS = {"Tus-Resumable": "1.0.0"}

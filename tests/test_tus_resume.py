@@ -9,7 +9,6 @@ import base64
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys

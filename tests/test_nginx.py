@@ -1,0 +1,163 @@
+"""syncd behind nginx as the README configures it (systemd/nginx-syncd.conf, run as it is
+but for ports and certificate paths): the client syncs through it, WebSocket events
+arrive, a 1 GiB upload streams through without nginx keeping it on disk, and the limit on
+failed logins counts the clients' own addresses."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import PKI, ROOT, Clients, Daemon, free_port, tree, wait_until, write
+
+MiB = 1024 * 1024
+SITE = ROOT / "systemd" / "nginx-syncd.conf"
+
+
+class Nginx:
+    """nginx started for real, serving the README's site file in front of a daemon."""
+
+    def __init__(self, work: Path, server: Daemon, pki: PKI) -> None:
+        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                           else None)
+        if binary is None:
+            pytest.skip("nginx is not installed (.ci/run installs it)")
+        cert, key = pki.server("nginx")
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.body_dir = work / "client_body"
+        self.body_dir.mkdir(parents=True)
+        site = SITE.read_text()
+        for old, new in (("127.0.0.1:8000", f"127.0.0.1:{server.port}"),
+                         ("listen 443 ssl;", f"listen 127.0.0.1:{self.port} ssl;"),
+                         ("/etc/letsencrypt/live/sync.example.com/fullchain.pem", str(cert)),
+                         ("/etc/letsencrypt/live/sync.example.com/privkey.pem", str(key))):
+            assert old in site, old
+            site = site.replace(old, new)
+        (work / "syncd.conf").write_text(site)
+        temp = " ".join(f"{kind}_temp_path {work}/{kind};" for kind in
+                        ("proxy", "fastcgi", "uwsgi", "scgi"))
+        (work / "nginx.conf").write_text(
+            f"{'user root;' if os.geteuid() == 0 else ''}\nworker_processes 1;\n"
+            f"daemon off;\npid {work}/nginx.pid;\nerror_log {work}/error.log warn;\n"
+            f"events {{ worker_connections 512; }}\nhttp {{\n access_log off;\n"
+            f" client_body_temp_path {self.body_dir};\n {temp}\n include {work}/syncd.conf;\n}}\n")
+        self.process = subprocess.Popen([binary, "-c", str(work / "nginx.conf"), "-p", str(work)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.error_log = work / "error.log"
+        wait_until(self.listening, "nginx to listen")
+
+    def listening(self) -> bool:
+        assert self.process.poll() is None, self.error_log.read_text(errors="replace")
+        try:
+            import socket
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)
+
+
+@pytest.fixture
+def behind_nginx(tmp_path: Path, daemon: Any) -> Iterator[tuple[Daemon, Nginx, PKI]]:
+    pki = PKI(tmp_path / "pki")
+    server = daemon("--trusted-proxies", "127.0.0.1", "--max-file-size", "2GiB")
+    proxy = Nginx(tmp_path / "nginx", server, pki)
+    yield server, proxy, pki
+    proxy.stop()
+
+
+def test_the_client_syncs_through_nginx(tmp_path: Path,
+                                        behind_nginx: tuple[Daemon, Nginx, PKI]) -> None:
+    server, proxy, pki = behind_nginx
+    through = Daemon.__new__(Daemon)                   # the clients see nginx's URL
+    through.__dict__.update(server.__dict__, url=proxy.url)
+    clients = Clients(tmp_path, through)
+    try:
+        clients.start("A", "--ca-file", str(pki.ca))
+        clients.start("B", "--ca-file", str(pki.ca))
+        write(clients.folder("A"), "docs/via-nginx.txt", b"proxied")
+        wait_until(lambda: tree(clients.folder("B")).get("docs/via-nginx.txt") == b"proxied",
+                   "the WebSocket event through nginx")
+        write(clients.folder("B"), "big.bin", os.urandom(20 * MiB))   # resumable, via nginx
+        wait_until(lambda: (clients.folder("A") / "big.bin").exists(), "the large file at A",
+                   timeout=60)
+        assert (clients.folder("A") / "big.bin").read_bytes() == \
+            (clients.folder("B") / "big.bin").read_bytes()
+    finally:
+        clients.stop()
+
+
+def test_a_1_gib_upload_streams_through_nginx(behind_nginx: tuple[Daemon, Nginx, PKI]) -> None:
+    """Half-way through the upload, syncd has most of that half already: nginx passes the
+    body on as it comes (with request buffering it would first keep all of it, in a temp
+    file it unlinks at once, so that only this timing can tell)."""
+    server, proxy, pki = behind_nginx
+    block = os.urandom(MiB)
+    staged = server.data / ".syncd" / "tmp"
+    at_half: list[int] = []
+
+    def body() -> Iterator[bytes]:
+        for index in range(1024):
+            if index == 512:
+                deadline = time.monotonic() + 30
+                while received() < 256 * MiB and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                at_half.append(received())
+            yield block
+
+    def received() -> int:
+        return sum(entry.stat().st_size for entry in staged.iterdir())
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", proxy.port, timeout=120, context=ssl.create_default_context(cafile=pki.ca))
+    try:
+        connection.request("PUT", "/files/big.bin", body=body(), headers={
+            "X-Client-Id": "laptop", "Content-Length": str(1024 * MiB)})
+        response = connection.getresponse()
+        assert response.status == 201, response.read()
+    finally:
+        connection.close()
+    try:
+        assert at_half[0] >= 256 * MiB, f"syncd had {at_half[0] / MiB:.0f} MiB half-way"
+        assert (server.data / "big.bin").stat().st_size == 1024 * MiB
+    finally:
+        (server.data / "big.bin").unlink()
+
+
+def test_failed_logins_count_per_client_behind_nginx(tmp_path: Path, daemon: Any) -> None:
+    """Clients on 127.0.0.2 and 127.0.0.3 (loopback has the whole 127/8): nginx appends the
+    address it saw to X-Forwarded-For, and syncd believes only that last entry."""
+    pki = PKI(tmp_path / "pki")
+    server = daemon("--trusted-proxies", "127.0.0.1", "--api-key", "right")
+    proxy = Nginx(tmp_path / "nginx", server, pki)
+    try:
+        context = ssl.create_default_context(cafile=pki.ca)
+
+        def get(key: str, source: str) -> int:
+            connection = http.client.HTTPSConnection(
+                "127.0.0.1", proxy.port, timeout=30, context=context,
+                source_address=(source, 0))
+            connection.request("GET", "/files", headers={
+                "Authorization": f"Bearer {key}", "X-Forwarded-For": "203.0.113.99"})
+            status = connection.getresponse().status
+            connection.close()
+            return status
+        statuses = [get("wrong", "127.0.0.2") for _ in range(30)]
+        assert statuses[0] == 401 and set(statuses[-10:]) == {429}
+        assert get("right", "127.0.0.3") == 200            # another client is served
+        assert get("right", "127.0.0.2") == 429
+        assert "from 127.0.0.2" in server.log() and "203.0.113.99" not in server.log()
+    finally:
+        proxy.stop()
