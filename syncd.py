@@ -3667,6 +3667,23 @@ class PointInTime:
                 "unavailable": self.unavailable, "blocked": self.blocked, "cursor": self.cursor}
 
 
+@dataclass
+class RestorePlan:
+    """What a point-in-time restore would do: (path, its content then, its record now)
+    to restore, (path, live record) to delete, paths whose content then is not kept."""
+
+    restore: list[tuple[str, Change, FileRecord | None]] = field(default_factory=list)
+    delete: list[tuple[str, FileRecord]] = field(default_factory=list)
+    unavailable: list[str] = field(default_factory=list)
+
+    def to_json(self, cursor: int) -> dict[str, Any]:
+        """The answer to a dry run (ours)."""
+        return {"success": True, "dry_run": True,
+                "restore": [path for path, _, _ in self.restore],
+                "delete": [path for path, _ in self.delete],
+                "unavailable": self.unavailable, "cursor": cursor}
+
+
 PRUNE_INTERVAL = 60.0     # seconds between two rounds of retention
 PRUNE_PATHS = 500         # paths whose versions one round thins
 PRUNE_BATCH = 500         # versions one step of age-out or of the size cap removes
@@ -4237,32 +4254,41 @@ class Tree:
             raise NotFound(f"the content of {path} is no longer kept") from None
         return await self.store_upload(staged, Upload(path, client_id, modified_time, checksum, pre))
 
+    async def plan_restore_at(self, prefix: str, at: int, delete_newer: bool) -> RestorePlan:
+        """What a point-in-time restore of prefix to just after change at would do, as things
+        stand now (a preview, and the plan restore_at carries out)."""
+        if at > self.store.cursor:
+            raise InvalidRequest(f"at must be a seq up to the cursor ({self.store.cursor})")
+        then, now = await self.store.state_at(prefix, at)
+        plan = RestorePlan()
+        for path in sorted(set(then) | set(now)):
+            was, current = then.get(path), now.get(path)
+            live = current if current is not None and not current.deleted else None
+            if was is None or was.type == "delete":
+                if live is not None and delete_newer:
+                    plan.delete.append((path, live))
+            elif live is None or live.checksum != was.checksum:
+                if await self.store.has_blob(was.checksum):
+                    plan.restore.append((path, was, current))
+                else:
+                    plan.unavailable.append(path)
+        return plan
+
     async def restore_at(self, prefix: str, at: int, client_id: str,
                          delete_newer: bool) -> PointInTime:
         """Give every path under prefix the state it had just after change at; each path that
         changes is a change of its own. A path written meanwhile by someone else is left
         as it is (its restore is conditional on what we saw) and reported as blocked."""
-        if at > self.store.cursor:
-            raise InvalidRequest(f"at must be a seq up to the cursor ({self.store.cursor})")
-        then, now = await self.store.state_at(prefix, at)
-        result = PointInTime()
-        for path in sorted(set(then) | set(now)):
-            was, current = then.get(path), now.get(path)
+        plan = await self.plan_restore_at(prefix, at, delete_newer)
+        result = PointInTime(unavailable=list(plan.unavailable))
+        for path, live in plan.delete:
+            try:
+                await self.delete(path, client_id, Precondition(base_checksum=live.checksum))
+                result.deleted += 1
+            except (Conflict, NotFound):
+                result.blocked.append(path)
+        for path, was, current in plan.restore:
             live = current if current is not None and not current.deleted else None
-            if live is not None and (was is None or was.type == "delete") and delete_newer:
-                try:
-                    await self.delete(path, client_id, Precondition(base_checksum=live.checksum))
-                    result.deleted += 1
-                except (Conflict, NotFound):
-                    result.blocked.append(path)
-        for path in sorted(then):
-            was, current = then[path], now.get(path)
-            live = current if current is not None and not current.deleted else None
-            if was.type != "upsert" or (live is not None and live.checksum == was.checksum):
-                continue
-            if not await self.store.has_blob(was.checksum):
-                result.unavailable.append(path)
-                continue
             try:
                 await self._restore_content(path, was.checksum, was.modified_time, client_id,
                                             Precondition(base_checksum=live.checksum if live
@@ -5219,6 +5245,7 @@ async def handle_health(request: web.Request) -> web.Response:
         "clients_connected": len(tree.hub.connections),
         "cursor": tree.store.cursor,
         "epoch": tree.store.epoch,
+        "bytes": tree.store.live_bytes,
     }
     try:
         await tree.store.check()
@@ -5861,9 +5888,14 @@ async def handle_restore(request: web.Request) -> web.Response:
         delete_newer = data.get("delete_newer", False)
         if not isinstance(delete_newer, bool):
             raise invalid_request("delete_newer must be true or false")
-        result = await tree.restore_at(validate_path(prefix) if prefix else "",
-                                       whole_number(data.get("at"), "at"), client_id,
-                                       delete_newer)
+        dry_run = data.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise invalid_request("dry_run must be true or false")
+        prefix, at = validate_path(prefix) if prefix else "", whole_number(data.get("at"), "at")
+        if dry_run:
+            plan = await tree.plan_restore_at(prefix, at, delete_newer)
+            return json_response(plan.to_json(tree.store.cursor))
+        result = await tree.restore_at(prefix, at, client_id, delete_newer)
         return json_response(result.to_json())
     raw_path = data.get("path")
     if not isinstance(raw_path, str):
@@ -5948,7 +5980,8 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
         raise ApiError(503, "too_many_clients", f"{limit} WebSocket clients are connected already")
     # autoping off: we answer pings ourselves, so that a pong counts as hearing from the client
     # + 1: aiohttp refuses a frame whose length reaches max_msg_size; the contract allows 64 KiB
-    ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_WS_MESSAGE + 1, timeout=5.0)
+    ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_WS_MESSAGE + 1, timeout=5.0,
+                               protocols=(WS_PROTOCOL,))
     await ws.prepare(request)
     hello = {"type": "hello", "client_id": client_id, "cursor": tree.store.cursor,
              "epoch": tree.store.epoch, "server_time": time.time()}
@@ -6001,6 +6034,15 @@ async def handle_revoke_device(request: web.Request) -> web.Response:
     return json_response({"success": True, **device.to_json()})
 
 
+async def handle_whoami(request: web.Request) -> web.Response:
+    """GET /whoami: whose credentials the request carries (ours: the web page asks)."""
+    device = request.get(DEVICE)
+    if device is None:
+        return json_response({"admin": True, "device": None, "scope": "admin"})
+    return json_response({"admin": device.scope == "admin", "device": device.name,
+                          "scope": device.scope})
+
+
 async def handle_metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format (the gauges are read by watch_gauges)."""
     body = state_of(request).tree.metrics.render()
@@ -6021,6 +6063,631 @@ def gauges_of(state: State) -> list[tuple[str, str, float]]:
          tree.store.blob_bytes),
         ("syncd_uptime_seconds", "Seconds since start.", time.monotonic() - state.started),
     ]
+
+
+# ===========================================================================
+# Web page: one page for the people who run the server (GET /), on the public API
+# ===========================================================================
+
+# The page runs only its own script and style, talks only to this server, and cannot be
+# framed; every value it shows from the server is put in as text (textContent).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self'; connect-src 'self'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+PAGE_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>syncd</title>
+<link rel="stylesheet" href="/app.css">
+<script src="/app.js" defer></script>
+</head>
+<body>
+<header>
+  <h1>syncd</h1>
+  <span id="whoami"></span>
+  <button id="logout" type="button" hidden>Sign out</button>
+</header>
+<div id="error" role="alert" hidden></div>
+<section id="login" hidden>
+  <h2>Sign in</h2>
+  <p>This server needs its API key, or a device token.</p>
+  <input id="key" type="password" autocomplete="current-password" aria-label="API key or device token" placeholder="API key or device token">
+  <button id="signin" type="button">Sign in</button>
+</section>
+<main id="app" hidden>
+  <nav>
+    <a href="#status">Status</a><a href="#clients">Clients</a><a href="#feed">Changes</a>
+    <a href="#files">Files</a><a href="#trash">Trash</a><a href="#pit">Restore a folder</a>
+    <a href="#devices" class="admin-only">Devices</a>
+  </nav>
+  <section id="status" class="card"><h2>Status</h2><dl id="status-list"></dl></section>
+  <section id="clients" class="card"><h2>Clients</h2>
+    <table><thead><tr><th>Client</th><th>Name</th><th>Platform</th><th>Version</th><th>Connected</th><th>Last seen</th></tr></thead>
+    <tbody id="clients-body"></tbody></table></section>
+  <section id="feed" class="card"><h2>Latest changes <span id="feed-state" class="muted"></span></h2>
+    <ul id="feed-list" class="feed"></ul></section>
+  <section id="files" class="card"><h2>Files</h2>
+    <div id="crumbs" class="crumbs"></div>
+    <table><thead><tr><th>Name</th><th>Size</th><th>Modified</th></tr></thead><tbody id="files-body"></tbody></table>
+    <div id="versions" hidden>
+      <h3>Versions of <span id="versions-path"></span></h3>
+      <table><thead><tr><th>Revision</th><th>Size</th><th>Modified</th><th>Replaced</th><th></th></tr></thead>
+      <tbody id="versions-body"></tbody></table>
+    </div>
+  </section>
+  <section id="trash" class="card"><h2>Trash</h2>
+    <table><thead><tr><th>Path</th><th>Size</th><th>Deleted</th><th>By</th><th></th></tr></thead>
+    <tbody id="trash-body"></tbody></table></section>
+  <section id="pit" class="card"><h2>Restore a folder as it was</h2>
+    <div class="form">
+      <label>Folder <input id="pit-prefix" placeholder="(the whole tree)"></label>
+      <label>As it was at <input id="pit-time" type="datetime-local" step="1"></label>
+      <label class="check"><input id="pit-delete" type="checkbox"> also delete files created since</label>
+      <button id="pit-preview" type="button">Preview</button>
+    </div>
+    <div id="pit-result" hidden>
+      <p id="pit-summary"></p>
+      <ul id="pit-list"></ul>
+      <button id="pit-go" type="button" class="danger">Restore</button>
+    </div>
+  </section>
+  <section id="devices" class="card admin-only"><h2>Devices</h2>
+    <div class="form">
+      <label>Name <input id="device-name" placeholder="laptop"></label>
+      <label>Scope <select id="device-scope"><option>write</option><option>read</option><option>admin</option></select></label>
+      <button id="device-add" type="button">Add device</button>
+    </div>
+    <div id="token-box" hidden>
+      <p>The token of <b id="token-device"></b>, shown this once:</p>
+      <code id="token-value"></code> <button id="token-copy" type="button">Copy</button>
+    </div>
+    <table><thead><tr><th>Device</th><th>Scope</th><th>Enrolled</th><th>Last seen</th><th></th></tr></thead>
+    <tbody id="devices-body"></tbody></table>
+  </section>
+</main>
+</body>
+</html>
+"""
+
+PAGE_CSS = r""":root { --fg: #1d2330; --muted: #667085; --line: #d9dee7; --bg: #f6f7f9; --card: #fff;
+        --accent: #2457c5; --danger: #b42318; font-family: system-ui, sans-serif; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--fg); font-size: 15px; }
+header { display: flex; align-items: center; gap: 1em; padding: .6em 1em; background: var(--card);
+         border-bottom: 1px solid var(--line); }
+header h1 { font-size: 1.2em; margin: 0; }
+#whoami { color: var(--muted); flex: 1; }
+nav { display: flex; flex-wrap: wrap; gap: .3em 1em; padding: .6em 1em; }
+nav a { color: var(--accent); text-decoration: none; }
+main { display: grid; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); gap: 1em;
+       padding: 0 1em 1em; }
+main > nav { grid-column: 1 / -1; padding: .6em 0 0; }
+.card, #login { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+                padding: .8em 1em; overflow-x: auto; }
+#login { max-width: 28em; margin: 3em auto; }
+h2 { font-size: 1.05em; margin: 0 0 .6em; }
+h3 { font-size: 1em; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .3em .5em; border-bottom: 1px solid var(--line);
+         vertical-align: top; word-break: break-word; }
+th { color: var(--muted); font-weight: 600; font-size: .9em; white-space: nowrap;
+     word-break: normal; }
+.nowrap { white-space: nowrap; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .2em 1em; margin: 0; }
+dt { color: var(--muted); }
+dd { margin: 0; word-break: break-all; }
+.feed { list-style: none; padding: 0; margin: 0; max-height: 22em; overflow-y: auto; }
+.feed li { padding: .3em 0; border-bottom: 1px solid var(--line); }
+.muted, .when { color: var(--muted); font-size: .9em; }
+.crumbs button, .link { background: none; border: none; color: var(--accent); cursor: pointer;
+                        padding: 0; font: inherit; text-align: left; }
+.form { display: flex; flex-wrap: wrap; gap: .6em 1em; align-items: end; margin-bottom: .8em; }
+label { display: flex; flex-direction: column; gap: .2em; color: var(--muted); font-size: .9em; }
+label.check { flex-direction: row; align-items: center; }
+input, select, button { font: inherit; padding: .35em .6em; }
+button { border: 1px solid var(--line); border-radius: 6px; background: #fff; cursor: pointer; }
+button.danger { color: var(--danger); border-color: var(--danger); }
+#error { background: #fef3f2; color: var(--danger); border: 1px solid #fecdca; margin: .6em 1em;
+         padding: .6em 1em; border-radius: 6px; }
+code { background: var(--bg); padding: .2em .4em; border-radius: 4px; word-break: break-all; }
+.deleted { color: var(--danger); }
+@media (max-width: 600px) {
+  main { grid-template-columns: 1fr; padding: 0 .5em .5em; }
+  header, nav { padding-left: .5em; padding-right: .5em; }
+  #clients th:nth-child(3), #clients td:nth-child(3),
+  #clients th:nth-child(4), #clients td:nth-child(4) { display: none; }
+}
+"""
+
+PAGE_JS = r""""use strict";
+// The syncd web page: the public API only, with the key or token typed in (kept in
+// sessionStorage). Every value from the server is put in as text, never as HTML.
+const KEY_SLOT = "syncd-key";
+const FEED_MAX = 100;
+let me = null;            // GET /whoami
+let folder = "";          // the file browser's folder ("" : the top)
+let socket = null;
+let pollTimer = null;
+let lastSeq = 0;
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, attrs) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
+  return node;
+}
+
+function row(cells) {
+  const tr = el("tr");
+  for (const cell of cells) {
+    const td = el("td");
+    if (cell instanceof Node) td.append(cell); else td.textContent = cell === null ? "" : String(cell);
+    tr.append(td);
+  }
+  return tr;
+}
+
+function button(label, action, danger) {
+  const b = el("button", label, { type: "button" });
+  if (danger) b.className = "danger";
+  b.addEventListener("click", () => action(b));
+  return b;
+}
+
+function size(bytes) {
+  const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes, unit = 0;
+  while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit++; }
+  return unit === 0 ? `${bytes} bytes` : `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
+}
+
+function ago(seconds) {
+  const delta = Date.now() / 1000 - seconds;
+  if (delta < 45) return "just now";
+  if (delta < 3600) return `${Math.round(delta / 60)} min ago`;
+  if (delta < 86400) return `${Math.round(delta / 3600)} h ago`;
+  return `${Math.round(delta / 86400)} days ago`;
+}
+
+function sizeCell(bytes) { return el("span", size(bytes), { class: "nowrap" }); }
+
+function fill(body, rows, empty, columns) {
+  if (rows.length) { body.replaceChildren(...rows); return; }
+  const line = el("tr");
+  line.append(el("td", empty, { class: "muted", colspan: String(columns) }));
+  body.replaceChildren(line);
+}
+
+function when(seconds) {
+  if (!seconds) return el("span", "never", { class: "when" });
+  const local = new Date(seconds * 1000).toLocaleString();
+  return el("span", `${ago(seconds)} (${local})`, { class: "when", title: local });
+}
+
+function duration(seconds) {
+  const d = Math.floor(seconds / 86400), h = Math.floor(seconds % 86400 / 3600),
+        m = Math.floor(seconds % 3600 / 60);
+  return d ? `${d} d ${h} h` : h ? `${h} h ${m} min` : `${m} min ${Math.floor(seconds % 60)} s`;
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+class ApiError extends Error {
+  constructor(status, code, message) { super(message); this.status = status; this.code = code; }
+}
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_SLOT);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function api(method, path, body) {
+  const options = { method, headers: authHeaders() };
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (error) {
+    throw new ApiError(0, "unreachable", "The server cannot be reached. Is it running?");
+  }
+  const data = response.headers.get("Content-Type")?.startsWith("application/json")
+    ? await response.json() : null;
+  if (!response.ok) {
+    const words = {
+      401: "The key or token was refused.", 403: "This key or token may not do that.",
+      404: "It is not there (any more).", 409: "It changed meanwhile; look again and retry.",
+      429: "Too many failed sign-ins from here; wait a little.",
+      503: "The server's storage is failing.", 507: "The server's disk is full.",
+    };
+    const detail = data && data.message ? ` (${data.message})` : "";
+    throw new ApiError(response.status, data && data.error,
+                       (words[response.status] || `The server answered ${response.status}.`) + detail);
+  }
+  return data;
+}
+
+function actor() { return me && me.device ? me.device : "web-console"; }
+
+function quotePath(path) { return path.split("/").map(encodeURIComponent).join("/"); }
+
+// -- sign in ----------------------------------------------------------------------------
+
+async function start() {
+  $("signin").addEventListener("click", signIn);
+  $("key").addEventListener("keydown", (event) => { if (event.key === "Enter") signIn(); });
+  $("logout").addEventListener("click", signOut);
+  $("pit-preview").addEventListener("click", () => guarded(previewRestore));
+  $("device-add").addEventListener("click", () => guarded(addDevice));
+  $("token-copy").addEventListener("click", copyToken);
+  try {
+    me = await api("GET", "/whoami");
+  } catch (error) {
+    if (error.status === 401) { showLogin(); return; }
+    showError(error.message);
+    return;
+  }
+  await enter();
+}
+
+function showLogin() {
+  $("login").hidden = false;
+  $("app").hidden = true;
+  $("key").focus();
+}
+
+async function signIn() {
+  sessionStorage.setItem(KEY_SLOT, $("key").value.trim());
+  $("key").value = "";
+  try {
+    me = await api("GET", "/whoami");
+  } catch (error) {
+    sessionStorage.removeItem(KEY_SLOT);
+    showError(error.message);
+    return;
+  }
+  showError("");
+  $("login").hidden = true;
+  await enter();
+}
+
+function signOut() {
+  sessionStorage.removeItem(KEY_SLOT);
+  if (socket) socket.close();
+  location.reload();
+}
+
+async function enter() {
+  $("app").hidden = false;
+  $("logout").hidden = !sessionStorage.getItem(KEY_SLOT);
+  $("whoami").textContent = me.device ? `device ${me.device} (${me.scope})` : "admin";
+  for (const node of document.querySelectorAll(".admin-only")) node.hidden = !me.admin;
+  await guarded(async () => {
+    await Promise.all([loadStatus(), loadClients(), loadFeed(), loadFolder(""), loadTrash(),
+                       me.admin ? loadDevices() : null]);
+  });
+  follow();
+  setInterval(() => guarded(() => Promise.all([loadStatus(), loadClients()])), 10000);
+}
+
+async function guarded(work) {
+  try {
+    await work();
+    showError("");
+  } catch (error) {
+    showError(error.message);
+    if (error.status === 401) signOutSoon();
+  }
+}
+
+function signOutSoon() { sessionStorage.removeItem(KEY_SLOT); setTimeout(() => location.reload(), 3000); }
+
+// -- status and clients -----------------------------------------------------------------
+
+async function loadStatus() {
+  const health = await api("GET", "/health");
+  const list = $("status-list");
+  list.replaceChildren();
+  const items = [["status", health.status + (health.message ? `: ${health.message}` : "")],
+                 ["version", health.version], ["uptime", duration(health.uptime_s)],
+                 ["files", health.files], ["bytes", size(health.bytes || 0)],
+                 ["cursor", health.cursor], ["epoch", health.epoch],
+                 ["clients connected", health.clients_connected]];
+  if (health.node) items.push(["node", health.node]);
+  for (const [name, value] of items) list.append(el("dt", name), el("dd", value));
+}
+
+async function loadClients() {
+  const { clients } = await api("GET", "/clients");
+  fill($("clients-body"), clients.map((c) => row(
+    [c.client_id, c.name, c.platform, c.version, c.connected ? "connected" : "no", when(c.last_seen)])),
+    "No client has registered yet.", 6);
+}
+
+// -- live feed --------------------------------------------------------------------------
+
+async function loadFeed() {
+  const health = await api("GET", "/health");
+  const since = Math.max(0, health.cursor - 30);
+  const page = await api("GET", `/changes?since=${since}&limit=30`);
+  for (const change of page.changes) addChange(change, change.time);
+  lastSeq = Math.max(lastSeq, page.cursor);
+}
+
+function addChange(change, time) {
+  lastSeq = Math.max(lastSeq, change.seq || 0);
+  const deleted = change.type === "delete" || change.type === "file_deleted";
+  const item = el("li");
+  item.append(el("b", change.path, deleted ? { class: "deleted" } : {}), " ",
+              el("span", deleted ? "deleted" : size(change.size)), " ",
+              el("span", `by ${change.client_id}`, { class: "muted" }), " ", when(time));
+  const list = $("feed-list");
+  list.prepend(item);
+  while (list.children.length > FEED_MAX) list.lastChild.remove();
+}
+
+function follow() {
+  // A device's own id would replace its sync client's WebSocket: a device polls instead.
+  if (me.device) { poll(); return; }
+  const key = sessionStorage.getItem(KEY_SLOT);
+  const protocols = ["syncd"];
+  if (key) protocols.push("syncd.auth." + base64url(key));
+  const id = "web-" + Math.random().toString(16).slice(2, 10);
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  socket = new WebSocket(`${scheme}://${location.host}/ws/${id}`, protocols);
+  socket.addEventListener("open", () => { $("feed-state").textContent = "(live)"; });
+  socket.addEventListener("message", (event) => {
+    const message = JSON.parse(event.data);
+    if (message.type === "file_changed" || message.type === "file_deleted") {
+      addChange(message, Date.now() / 1000);
+      if (parentOf(message.path) === folder) guarded(() => loadFolder(folder));
+      if (message.type === "file_deleted") guarded(loadTrash);
+    } else if (message.type === "client_joined" || message.type === "client_left") {
+      guarded(loadClients);
+    }
+  });
+  socket.addEventListener("close", () => {
+    $("feed-state").textContent = "(reconnecting)";
+    setTimeout(follow, 3000);
+  });
+}
+
+function poll() {
+  $("feed-state").textContent = "(every 3 s)";
+  pollTimer = setInterval(() => guarded(async () => {
+    const page = await api("GET", `/changes?since=${lastSeq}&limit=100`);
+    for (const change of page.changes) addChange(change, change.time);
+  }), 3000);
+}
+
+function base64url(text) {
+  const bytes = new TextEncoder().encode(text);
+  let binary = "";
+  for (const byte of bytes) binary += String.fromCharCode(byte);
+  return btoa(binary).replaceAll("+", "-").replaceAll("/", "_").replaceAll("=", "");
+}
+
+// -- files and versions -----------------------------------------------------------------
+
+function parentOf(path) { const cut = path.lastIndexOf("/"); return cut < 0 ? "" : path.slice(0, cut); }
+
+async function loadFolder(target) {
+  const prefix = target ? target + "/" : "";
+  const { files } = await api("GET", `/files?prefix=${encodeURIComponent(prefix)}`);
+  folder = target;
+  const subfolders = new Map(), here = [];
+  for (const file of files) {
+    const rest = file.path.slice(prefix.length);
+    const cut = rest.indexOf("/");
+    if (cut < 0) here.push(file);
+    else {
+      const name = rest.slice(0, cut);
+      const entry = subfolders.get(name) || { count: 0, size: 0 };
+      entry.count++; entry.size += file.size;
+      subfolders.set(name, entry);
+    }
+  }
+  const crumbs = $("crumbs");
+  crumbs.replaceChildren(button("top", () => guarded(() => loadFolder(""))));
+  let walked = "";
+  for (const part of target ? target.split("/") : []) {
+    walked = walked ? `${walked}/${part}` : part;
+    const destination = walked;
+    crumbs.append(" / ", button(part, () => guarded(() => loadFolder(destination))));
+  }
+  const body = $("files-body");
+  body.replaceChildren();
+  if (!files.length) fill(body, [], target ? "This folder is empty now." : "No files yet.", 3);
+  for (const [name, entry] of [...subfolders].sort()) {
+    const link = el("button", name + "/", { type: "button", class: "link" });
+    link.addEventListener("click", () => guarded(() => loadFolder(prefix + name)));
+    body.append(row([link, `${entry.count} files, ${size(entry.size)}`, ""]));
+  }
+  for (const file of here) {
+    const link = el("button", file.path.slice(prefix.length), { type: "button", class: "link" });
+    link.addEventListener("click", () => guarded(() => loadVersions(file.path)));
+    body.append(row([link, sizeCell(file.size), when(file.modified_time)]));
+  }
+}
+
+async function loadVersions(path) {
+  const data = await api("GET", `/versions/${quotePath(path)}`);
+  $("versions").hidden = false;
+  $("versions-path").textContent = path;
+  const body = $("versions-body");
+  body.replaceChildren();
+  if (data.current) {
+    body.append(row([`${data.current.revision} (current)`, sizeCell(data.current.size),
+                     when(data.current.modified_time), "",
+                     button("Download", () => guarded(() => download(path, data.current.revision)))]));
+  }
+  for (const version of data.versions) {
+    const actions = el("span");
+    actions.append(button("Download", () => guarded(() => download(path, version.revision))), " ",
+                   button("Restore", () => guarded(() => restoreVersion(path, version, data.current))));
+    body.append(row([version.revision, sizeCell(version.size), when(version.modified_time),
+                     `${version.reason} by ${version.replaced_by}`, actions]));
+  }
+}
+
+async function download(path, revision) {
+  const response = await fetch(`/download/${quotePath(path)}?revision=${revision}`,
+                               { headers: authHeaders() });
+  if (!response.ok) throw new ApiError(response.status, "", `The download failed (${response.status}).`);
+  const url = URL.createObjectURL(await response.blob());
+  const link = el("a", "", { href: url, download: path.split("/").pop() });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
+}
+
+async function restoreVersion(path, version, current) {
+  const replacing = current ? " The current content is kept as a version." : "";
+  if (!confirm(`Make revision ${version.revision} of ${path} the live file again?${replacing}`)) return;
+  await api("POST", "/restore", { client_id: actor(), path, revision: version.revision,
+                                  base_checksum: current ? current.checksum : "" });
+  await Promise.all([loadVersions(path), loadFolder(folder), loadTrash()]);
+}
+
+// -- trash ------------------------------------------------------------------------------
+
+async function loadTrash() {
+  const { files } = await api("GET", "/trash");
+  fill($("trash-body"), files.map((file) => row([
+    file.path, sizeCell(file.size), when(file.time), file.deleted_by,
+    button("Restore", () => guarded(() => restoreFromTrash(file)))])), "The trash is empty.", 5);
+}
+
+async function restoreFromTrash(file) {
+  await api("POST", "/restore", { client_id: actor(), path: file.path, revision: file.revision,
+                                  base_checksum: "" });
+  await Promise.all([loadTrash(), loadFolder(folder)]);
+}
+
+// -- point in time ----------------------------------------------------------------------
+
+let pending = null;
+
+async function seqAt(moment) {
+  let since = 0, found = 0;
+  for (let pages = 0; pages < 10000; pages++) {
+    const page = await api("GET", `/changes?since=${since}&limit=1000`);
+    for (const change of page.changes) {
+      if (change.time > moment) return found;
+      found = change.seq;
+    }
+    if (!page.has_more || page.changes.length === 0) return found;
+    since = page.changes[page.changes.length - 1].seq;
+  }
+  return found;
+}
+
+async function previewRestore() {
+  const chosen = $("pit-time").value;
+  if (!chosen) throw new ApiError(0, "", "Choose the moment to go back to.");
+  const moment = new Date(chosen).getTime() / 1000;
+  const prefix = $("pit-prefix").value.trim().replace(/\/+$/, "");
+  const at = await seqAt(moment);
+  const request = { client_id: actor(), prefix, at, delete_newer: $("pit-delete").checked };
+  const plan = await api("POST", "/restore", { ...request, dry_run: true });
+  pending = request;
+  const list = $("pit-list");
+  list.replaceChildren(...plan.restore.map((path) => el("li", `restore ${path}`)),
+                       ...plan.delete.map((path) => el("li", `delete ${path}`, { class: "deleted" })),
+                       ...plan.unavailable.map((path) => el("li", `${path}: its content then is no longer kept`,
+                                                            { class: "muted" })));
+  $("pit-summary").textContent = `${prefix || "The whole tree"} as at ${new Date(moment * 1000).toLocaleString()}` +
+    ` (change ${at}): ${plan.restore.length} to restore, ${plan.delete.length} to delete, ` +
+    `${plan.unavailable.length} no longer kept.`;
+  $("pit-result").hidden = false;
+  const go = $("pit-go");
+  go.disabled = plan.restore.length + plan.delete.length === 0;
+  go.onclick = () => guarded(carryOutRestore);
+}
+
+async function carryOutRestore() {
+  if (!pending || !confirm("Restore these files now? What they hold now is kept as versions.")) return;
+  const result = await api("POST", "/restore", pending);
+  pending = null;
+  $("pit-result").hidden = true;
+  $("pit-summary").textContent = "";
+  showError("");
+  alert(`${result.restored} restored, ${result.deleted} deleted` +
+        (result.blocked.length ? `, ${result.blocked.length} changed meanwhile and left alone` : "") + ".");
+  await Promise.all([loadFolder(folder), loadTrash()]);
+}
+
+// -- devices ----------------------------------------------------------------------------
+
+async function loadDevices() {
+  const { devices } = await api("GET", "/devices");
+  fill($("devices-body"), devices.map((device) => row([
+    device.device, device.scope, when(device.created), when(device.last_seen),
+    device.revoked ? el("span", "revoked", { class: "muted" })
+                   : button("Revoke", () => guarded(() => revokeDevice(device.device)), true)])),
+    "No device enrolled: each device can have a token of its own.", 5);
+}
+
+async function addDevice() {
+  const name = $("device-name").value.trim();
+  if (!name) throw new ApiError(0, "", "Give the device a name.");
+  const added = await api("POST", "/devices", { name, scope: $("device-scope").value });
+  $("device-name").value = "";
+  $("token-device").textContent = added.device;
+  $("token-value").textContent = added.token;
+  $("token-box").hidden = false;
+  await loadDevices();
+}
+
+async function copyToken() {
+  const token = $("token-value").textContent;
+  try {
+    await navigator.clipboard.writeText(token);
+    $("token-copy").textContent = "Copied";
+  } catch (error) {
+    const range = document.createRange();
+    range.selectNodeContents($("token-value"));
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    $("token-copy").textContent = "Selected: press Ctrl+C";
+  }
+}
+
+async function revokeDevice(name) {
+  if (!confirm(`Revoke ${name}? Its token stops working at once.`)) return;
+  await api("DELETE", `/devices/${encodeURIComponent(name)}`);
+  await loadDevices();
+}
+
+start();
+"""
+
+PAGE_FILES = {"/": (PAGE_HTML, "text/html"), "/app.css": (PAGE_CSS, "text/css"),
+              "/app.js": (PAGE_JS, "text/javascript")}
+
+
+async def handle_page(request: web.Request) -> web.Response:
+    """GET /, /app.css, /app.js: the web page (open: it holds no secret; it asks for one)."""
+    text, kind = PAGE_FILES[request.path]
+    return web.Response(text=text, content_type=kind, charset="utf-8", headers=PAGE_HEADERS)
 
 
 # ===========================================================================
@@ -6187,14 +6854,28 @@ def check_browser_request(request: web.Request, config: Config) -> None:
                         "allowed_hosts are served")
 
 
+WS_PROTOCOL = "syncd"                 # the subprotocol a WebSocket answer names
+WS_AUTH_PROTOCOL = "syncd.auth."      # + base64url(key): a browser's way to send the key
+
+
 def presented_key(request: web.Request) -> str | None:
-    """The API key the request carries, if any."""
+    """The API key or token the request carries, if any. A WebSocket may carry it in the
+    query (?token=) or, from a browser, which can set no header and should not put a
+    secret in a URL (proxies log URLs), as a subprotocol syncd.auth.BASE64URL(key)."""
     authorization = request.headers.get("Authorization", "")
     if authorization[:7].lower() == "bearer ":
         return authorization[7:].strip()
     if "X-API-Key" in request.headers:
         return request.headers["X-API-Key"]
     if request.path.startswith("/ws/"):
+        for offered in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+            if offered.strip().startswith(WS_AUTH_PROTOCOL):
+                encoded = offered.strip()[len(WS_AUTH_PROTOCOL):]
+                try:
+                    return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)
+                                                    ).decode("utf-8")
+                except (ValueError, UnicodeDecodeError):
+                    return ""           # presented, and wrong
         return request.query.get("token")
     return None
 
@@ -6230,7 +6911,8 @@ def authenticate(request: web.Request, state: State) -> None:
     one is refused); any other key presented is ignored there, as it always was."""
     config = state.config
     open_paths = ("/health", "/metrics") if config.metrics_public else ("/health",)
-    if request.path in open_paths:
+    if request.path in open_paths or (request.path in PAGE_FILES and request.method in (
+            "GET", "HEAD")):
         return
     presented = presented_key(request)
     if presented is None:
@@ -6350,6 +7032,9 @@ def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
     app.router.add_post("/devices", handle_add_device)
     app.router.add_get("/devices", handle_list_devices)
     app.router.add_delete("/devices/{name}", handle_revoke_device)
+    app.router.add_get("/whoami", handle_whoami)
+    for path in PAGE_FILES:
+        app.router.add_get(path, handle_page)
     return app
 
 

@@ -328,3 +328,26 @@ async def test_settings_trusted_proxies_and_tls_are_checked(tmp_path: Path) -> N
     assert syncd.load_config(None, {}, {"trusted_proxies": "::1, 127.0.0.1"}).trusted_proxies \
         == ("::1", "127.0.0.1")
     await asyncio.sleep(0)
+
+
+async def test_whoami_says_whose_credentials_these_are(server: Any, app_client: Any) -> None:
+    token = await enrol(server, "phone", "read")
+    assert await (await server.get("/whoami", headers=bearer(ADMIN))).json() == {
+        "admin": True, "device": None, "scope": "admin"}
+    assert await (await server.get("/whoami", headers=bearer(token))).json() == {
+        "admin": False, "device": "phone", "scope": "read"}
+    assert (await server.get("/whoami")).status == 401
+    open_server = await app_client()
+    assert (await (await open_server.get("/whoami")).json())["admin"] is True
+
+
+async def test_a_browser_websocket_sends_the_key_as_a_subprotocol(server: Any) -> None:
+    encoded = base64.urlsafe_b64encode(ADMIN.encode()).decode().rstrip("=")
+    async with server.ws_connect("/ws/web-1", protocols=("syncd", f"syncd.auth.{encoded}")) as ws:
+        assert ws.protocol == "syncd"                # never the one holding the key
+        assert (await ws.receive_json(timeout=5))["type"] == "hello"
+    wrong = base64.urlsafe_b64encode(b"wrong").decode().rstrip("=")
+    for offered in (("syncd", f"syncd.auth.{wrong}"), ("syncd", "syncd.auth.%%%")):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await server.ws_connect("/ws/web-2", protocols=offered)
+        assert info.value.status == 401

@@ -209,9 +209,10 @@ async def test_restore_of_a_version_not_kept_is_404(client: Any) -> None:
 @pytest.mark.parametrize("body", [{}, {"path": "a.txt"}, {"path": "a.txt", "revision": "1"},
                                   {"path": "../x", "revision": 1}, {"prefix": 3, "at": 1},
                                   {"prefix": "", "at": -1}, {"prefix": "", "at": 99},
-                                  {"prefix": "", "at": 1, "delete_newer": "yes"}],
+                                  {"prefix": "", "at": 1, "delete_newer": "yes"},
+                                  {"prefix": "", "at": 1, "dry_run": 1}],
                          ids=["empty", "no-revision", "text-revision", "bad-path", "bad-prefix",
-                              "negative-at", "future-at", "bad-delete-newer"])
+                              "negative-at", "future-at", "bad-delete-newer", "bad-dry-run"])
 async def test_restore_refuses_bad_bodies(client: Any, body: dict[str, Any]) -> None:
     await put(client, "a.txt", b"one")
     response = await restore(client, **body)
@@ -455,3 +456,21 @@ async def test_upload_then_multipart_keep_versions_too(client: Any) -> None:
     await upload(client, "m.txt", b"one")
     await upload(client, "m.txt", b"two")
     assert [v["checksum"] for v in (await versions(client, "m.txt"))["versions"]] == [sha(b"one")]
+
+
+@pytest.mark.parametrize("delete_newer", [False, True])
+async def test_a_dry_run_says_what_a_restore_would_do_and_does_nothing(
+        client: Any, delete_newer: bool) -> None:
+    at = await before_burst(client)
+    await burst(client)
+    before = await snapshot(client)
+    cursor = (await (await client.get("/health")).json())["cursor"]
+    preview = await (await restore(client, prefix="docs", at=at, delete_newer=delete_newer,
+                                   dry_run=True)).json()
+    assert preview == {"success": True, "dry_run": True,
+                       "restore": ["docs/a.txt", "docs/b.txt", "docs/c.txt"],
+                       "delete": ["docs/new.txt"] if delete_newer else [],
+                       "unavailable": [], "cursor": cursor}
+    assert await snapshot(client) == before                       # nothing was done
+    done = await (await restore(client, prefix="docs", at=at, delete_newer=delete_newer)).json()
+    assert (done["restored"], done["deleted"]) == (len(preview["restore"]), len(preview["delete"]))
