@@ -46,6 +46,7 @@ import fnmatch
 import functools
 import hashlib
 import hmac
+import importlib.util
 import io
 import ipaddress
 import itertools
@@ -202,11 +203,15 @@ class Config:
     tls_cert_file: str | None = setting(None, "serve HTTPS and WSS with this certificate "
                                         "(PEM, the chain after it); SIGHUP reloads it")
     tls_key_file: str | None = setting(None, "the certificate's private key (PEM)")
+    database_url: str | None = setting(None, "keep the metadata in PostgreSQL instead of the "
+                                       "inline SQLite, e.g. postgresql://syncd@db/syncd "
+                                       "(prefer the password in ~/.pgpass or PGPASSWORD)")
+    database_pool_size: int = setting(10, "PostgreSQL connections a node keeps at most")
 
 
 # Settings a SIGHUP cannot change: they need a restart.
 RESTART_SETTINGS = ("host", "port", "sync_directory", "shutdown_timeout", "header_timeout",
-                    "max_connections", "uvloop")
+                    "max_connections", "uvloop", "database_url", "database_pool_size")
 SECRET_SETTINGS = ("api_key",)
 
 
@@ -384,6 +389,18 @@ def parse_addresses(value: Any) -> tuple[str, ...]:
     return tuple(addresses)
 
 
+def parse_database_url(value: Any) -> str:
+    """A postgresql:// (or postgres://) URL."""
+    if isinstance(value, str) and re.match(r"postgres(ql)?://", value.strip()):
+        return value.strip()
+    raise ValueError("expected a URL like postgresql://syncd@localhost/syncd")
+
+
+def mask_password(url: str) -> str:
+    """A database URL with its password, if any, masked."""
+    return re.sub(r"^(postgres(?:ql)?://[^:/@]*:)[^@]*@", r"\1********@", url)
+
+
 def parse_log_level(value: Any) -> str:
     """One of debug, info, warning, error, critical."""
     if isinstance(value, str) and value.strip().lower() in LOG_LEVELS:
@@ -423,6 +440,8 @@ SETTING_PARSERS: dict[str, Callable[[Any], Any]] = {
     "trusted_proxies": parse_addresses,
     "tls_cert_file": parse_text,
     "tls_key_file": parse_text,
+    "database_url": parse_database_url,
+    "database_pool_size": parse_positive_whole,
 }
 assert set(SETTING_PARSERS) == {f.name for f in fields(Config)}
 
@@ -502,6 +521,9 @@ def load_config(
     if config.heartbeat_timeout < config.heartbeat_interval:
         raise ConfigError("heartbeat_timeout: must be at least heartbeat_interval")
     tls_context(config)
+    if config.database_url and importlib.util.find_spec("asyncpg") is None:
+        raise ConfigError("database_url: PostgreSQL needs asyncpg "
+                          "(pip install -r requirements-postgres.txt)")
     return config
 
 
@@ -558,6 +580,8 @@ def describe_config(config: Config) -> str:
             continue
         if setting.name in SECRET_SETTINGS:
             value = "********"
+        elif setting.name == "database_url":
+            value = mask_password(value)
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, tuple):
@@ -1381,6 +1405,14 @@ class Transaction(abc.ABC):
     async def versions_with(self, checksums: Iterable[str]) -> list[tuple[str, int]]:
         """The (path, revision) of every version of these contents."""
 
+    def run_undo(self) -> None:
+        """After a rollback: put back, newest first, the file operations it made."""
+        for undo in reversed(self.undo):
+            try:
+                undo()
+            except OSError:
+                log.exception("could not undo a file operation after a failed commit")
+
     def _changed(self, before: FileRecord | None, after: FileRecord) -> None:
         """Note a change of one path's record: the pending index and the live totals."""
         self.pending.put(after)
@@ -1661,7 +1693,7 @@ def under_prefix(prefix: str, column: str = "path") -> tuple[str, list[Any]]:
     """An SQL condition (and its parameters) for the file prefix and the paths in the folder
     prefix/; true for every path when prefix is ""."""
     if not prefix:
-        return "1", []
+        return "TRUE", []
     lower, upper = folder_range(prefix)
     return f"({column} = ? OR ({column} >= ? AND {column} < ?))", [prefix, lower, upper]
 
@@ -1678,19 +1710,59 @@ def sqlite_failure(exc: BaseException) -> Refused | None:
     return None
 
 
-class SQLiteTransaction(Transaction):
-    """BEGIN IMMEDIATE ... COMMIT on the writer connection.
+class SQLConnection(abc.ABC):
+    """One database connection as the SQL stores use it. Every query is written once, with
+    SQLite's ? placeholders and the SQL both engines speak (ON CONFLICT, RETURNING); the
+    PostgreSQL connection numbers the placeholders."""
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Run one statement."""
+
+    @abc.abstractmethod
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        """Run one statement; its rows."""
+
+    @abc.abstractmethod
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement for each row of parameters."""
+
+
+class SQLiteConnection(SQLConnection):
+    """An aiosqlite connection."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await self.db.execute(sql, params)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        return list(await self.db.execute_fetchall(sql, params))
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self.db.executemany(sql, rows)
+
+
+FILES_UPSERT = (f"INSERT INTO files ({FILES_ROW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (path) DO UPDATE SET " + ", ".join(
+                    f"{column.strip()} = excluded.{column.strip()}"
+                    for column in FILES_ROW.split(",")[1:]))
+
+
+class SQLTransaction(Transaction):
+    """One write transaction on an SQL connection (the store begins and ends it).
 
     The journal and file rows are buffered and written by flush() in one
     executemany each (before COMMIT, and before any statement that reads):
-    each statement is a round trip to aiosqlite's thread, and a group commit
-    of 100 uploads would otherwise make 200 of them. So the transaction hands
-    out the seqs itself, from the cursor on: it alone writes the journal.
+    each statement is a round trip to the driver, and a group commit of 100
+    uploads would otherwise make 200 of them. So the transaction hands out the
+    seqs itself, from the cursor on: it alone writes the journal.
     """
 
-    def __init__(self, db: aiosqlite.Connection, index: LiveIndex, cursor: int) -> None:
+    def __init__(self, sql: SQLConnection, index: LiveIndex, cursor: int) -> None:
         super().__init__(index)
-        self.db = db
+        self.sql = sql
         self._next_seq = cursor + 1
         self._journal: list[tuple[Any, ...]] = []     # rows of CHANGE_COLUMNS
         self._files: list[tuple[Any, ...]] = []       # rows of FILES_ROW, in order
@@ -1705,20 +1777,19 @@ class SQLiteTransaction(Transaction):
 
     def _record(self, before: FileRecord | None, record: FileRecord) -> None:
         """Buffer record as the path's row, and note the change."""
-        self._files.append((record.path, fold_path(record.path), *record[1:]))
+        self._files.append((record.path, fold_path(record.path), *record[1:5],
+                            int(record.deleted), *record[6:]))
         self._changed(before, record)
 
     async def flush(self) -> None:
         """Write the buffered rows."""
         if self._journal:
             rows, self._journal = self._journal, []
-            await self.db.executemany(
+            await self.sql.executemany(
                 f"INSERT INTO changes ({CHANGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         if self._files:
             rows, self._files = self._files, []
-            await self.db.executemany(
-                f"INSERT OR REPLACE INTO files ({FILES_ROW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows)
+            await self.sql.executemany(FILES_UPSERT, rows)
 
     async def record_upsert(self, path: str, checksum: str, size: int, modified_time: float,
                             client_id: str, mtime_ns: int) -> FileRecord:
@@ -1749,16 +1820,17 @@ class SQLiteTransaction(Transaction):
         await self.flush()
         version = Version(old.path, old.revision, old.checksum, old.size, old.modified_time,
                           change.revision, change.client_id, change.time, reason)
-        cursor = await self.db.execute(
-            f"INSERT OR IGNORE INTO versions ({VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        added = await self.sql.fetch(
+            f"INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING RETURNING 1",
             (version.path, version.revision, version.checksum, version.size,
              version.modified_time, version.replaced_at, version.replaced_by, version.time,
              version.reason))
-        if cursor.rowcount == 1:
+        if added:
             self.versions += 1
-            rows = await self.db.execute_fetchall(
+            rows = await self.sql.fetch(
                 "INSERT INTO blobs (checksum, size, refs) VALUES (?, ?, 1) ON CONFLICT (checksum)"
-                " DO UPDATE SET refs = refs + 1 RETURNING refs", (old.checksum, old.size))
+                " DO UPDATE SET refs = blobs.refs + 1 RETURNING refs", (old.checksum, old.size))
             if rows[0][0] == 1:
                 self.blob_bytes += old.size
         return version
@@ -1768,17 +1840,17 @@ class SQLiteTransaction(Transaction):
         await self.flush()
         gone = []
         for path, revision in versions:
-            rows = await self.db.execute_fetchall(
+            rows = await self.sql.fetch(
                 "DELETE FROM versions WHERE path = ? AND revision = ? RETURNING checksum",
                 (path, revision))
             if not rows:
                 continue
             self.versions -= 1
-            left = await self.db.execute_fetchall(
+            left = await self.sql.fetch(
                 "UPDATE blobs SET refs = refs - 1 WHERE checksum = ? RETURNING refs, size",
                 (rows[0][0],))
             if left and left[0][0] <= 0:
-                await self.db.execute("DELETE FROM blobs WHERE checksum = ?", (rows[0][0],))
+                await self.sql.execute("DELETE FROM blobs WHERE checksum = ?", (rows[0][0],))
                 self.blob_bytes -= left[0][1]
                 gone.append(rows[0][0])
         self.gone_blobs.extend(gone)
@@ -1787,23 +1859,26 @@ class SQLiteTransaction(Transaction):
     async def oldest_versions(self, limit: int) -> list[Version]:
         """The limit oldest versions."""
         await self.flush()
-        rows = await self.db.execute_fetchall(
+        rows = await self.sql.fetch(
             f"SELECT {VERSION_COLUMNS} FROM versions ORDER BY time, path LIMIT ?", (limit,))
         return [Version(*row) for row in rows]
 
     async def move_versions(self, source: str, target: str) -> None:
         """The kept versions of source become target's."""
         await self.flush()
-        await self.db.execute("UPDATE versions SET path = ? WHERE path = ?", (target, source))
+        await self.sql.execute("UPDATE versions SET path = ? WHERE path = ?", (target, source))
 
     async def note_move(self, source: str, target: str, client_id: str) -> None:
         """Record a move about to happen on disk."""
-        await self.db.execute("INSERT OR REPLACE INTO moves (source, target, client_id, time)"
-                              " VALUES (?, ?, ?, ?)", (source, target, client_id, time.time()))
+        await self.sql.execute(
+            "INSERT INTO moves (source, target, client_id, time) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (source) DO UPDATE SET target = excluded.target,"
+            " client_id = excluded.client_id, time = excluded.time",
+            (source, target, client_id, time.time()))
 
     async def forget_move(self, source: str) -> None:
         """The move of source is no longer pending."""
-        await self.db.execute("DELETE FROM moves WHERE source = ?", (source,))
+        await self.sql.execute("DELETE FROM moves WHERE source = ?", (source,))
 
     async def versions_with(self, checksums: Iterable[str]) -> list[tuple[str, int]]:
         """The (path, revision) of every version of these contents."""
@@ -1812,14 +1887,204 @@ class SQLiteTransaction(Transaction):
         wanted = list(checksums)
         for start in range(0, len(wanted), 500):
             batch = wanted[start:start + 500]
-            rows = await self.db.execute_fetchall(
+            rows = await self.sql.fetch(
                 "SELECT path, revision FROM versions WHERE checksum IN"
                 f" ({', '.join('?' * len(batch))})", batch)
             found.extend((row[0], row[1]) for row in rows)
         return found
 
 
-class SQLiteStore(MetadataStore):
+class SQLStore(MetadataStore):
+    """The queries every SQL backend shares, written once; a backend supplies its
+    connections (read(), read_transaction(), transaction()), how it opens, and the two
+    queries its engine spells its own way (LATEST_CHANGES, CURSOR)."""
+
+    # The last change of each path with seq <= ? under a prefix ({condition}).
+    LATEST_CHANGES = ""
+    # The journal's last seq.
+    CURSOR = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._checked = -math.inf  # when check() last reached the database
+
+    @abc.abstractmethod
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        """One query on committed state."""
+
+    @abc.abstractmethod
+    def read_transaction(self) -> contextlib.AbstractAsyncContextManager[SQLConnection]:
+        """Several reads that see one committed state."""
+
+    async def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """One statement in a transaction of its own."""
+        async with self.transaction() as tx:
+            assert isinstance(tx, SQLTransaction)
+            await tx.sql.execute(sql, params)
+
+    async def changes_since(self, since: int, limit: int) -> tuple[list[Change], int, bool]:
+        """Journal entries with seq > since (at most limit), the cursor, and whether more wait."""
+        async with self.read_transaction() as db:
+            rows = await db.fetch(
+                f"SELECT {CHANGE_COLUMNS} FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+                (since, limit + 1))
+            cursor = await db.fetch(self.CURSOR)
+        changes = [Change(*row) for row in rows[:limit]]
+        return changes, int(cursor[0][0]), len(rows) > limit
+
+    async def pending_moves(self) -> list[tuple[str, str, str]]:
+        """The moves noted but not finished."""
+        rows = await self.read("SELECT source, target, client_id FROM moves ORDER BY time")
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    async def save_upload(self, upload: PartialUpload) -> None:
+        """Store a resumable upload's record."""
+        await self._write(
+            f"INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET length = excluded.length,"
+            " received = excluded.received, metadata = excluded.metadata,"
+            " expires = excluded.expires",
+            (upload.id, upload.client_id, upload.length, upload.received,
+             json.dumps(upload.metadata), upload.expires))
+
+    async def drop_upload(self, upload_id: str) -> None:
+        """Forget a resumable upload."""
+        await self._write("DELETE FROM uploads WHERE id = ?", (upload_id,))
+
+    async def get_upload(self, upload_id: str) -> PartialUpload | None:
+        """A resumable upload's record."""
+        rows = await self.read(f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = ?", (upload_id,))
+        return partial_upload(rows[0]) if rows else None
+
+    async def uploads_of(self, client_id: str | None) -> list[PartialUpload]:
+        """The resumable uploads of one client, or of all."""
+        if client_id is None:
+            rows = await self.read(f"SELECT {UPLOAD_COLUMNS} FROM uploads")
+        else:
+            rows = await self.read(f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE client_id = ?",
+                                   (client_id,))
+        return [partial_upload(row) for row in rows]
+
+    async def register_client(self, client_id: str, name: str | None,
+                              platform: str | None, version: str | None) -> bool:
+        """Store or refresh a client; True when it is new."""
+        now = time.time()
+        async with self.transaction() as tx:
+            assert isinstance(tx, SQLTransaction)
+            existing = await tx.sql.fetch("SELECT 1 FROM clients WHERE client_id = ?",
+                                          (client_id,))
+            await tx.sql.execute(
+                "INSERT INTO clients (client_id, name, platform, version, registered_at,"
+                " last_seen) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE"
+                " SET name = excluded.name, platform = excluded.platform,"
+                " version = excluded.version, last_seen = excluded.last_seen",
+                (client_id, name, platform, version, now, now))
+        return not existing
+
+    async def touch_client(self, client_id: str) -> None:
+        """Note that a registered client was seen now."""
+        await self._write("UPDATE clients SET last_seen = ? WHERE client_id = ?",
+                          (time.time(), client_id))
+
+    async def list_clients(self) -> list[ClientRecord]:
+        """Every registered client, by id."""
+        rows = await self.read("SELECT client_id, name, platform, version, registered_at,"
+                               " last_seen FROM clients ORDER BY client_id")
+        return [ClientRecord(*row) for row in rows]
+
+    async def save_device(self, device: Device) -> None:
+        """Store or replace a device's record."""
+        await self._write(
+            f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET scope = excluded.scope,"
+            " token_hash = excluded.token_hash, created = excluded.created,"
+            " last_seen = excluded.last_seen, revoked = excluded.revoked",
+            (device.name, device.scope, device.token_hash, device.created, device.last_seen,
+             int(device.revoked)))
+
+    async def list_devices(self) -> list[Device]:
+        """Every device, by name."""
+        rows = await self.read(f"SELECT {DEVICE_COLUMNS} FROM devices ORDER BY name")
+        return [Device(row[0], row[1], row[2], row[3], row[4], bool(row[5])) for row in rows]
+
+    async def note_devices_seen(self, seen: Mapping[str, float]) -> None:
+        """Record when devices were last seen."""
+        async with self.transaction() as tx:
+            assert isinstance(tx, SQLTransaction)
+            await tx.sql.executemany("UPDATE devices SET last_seen = ? WHERE name = ?",
+                                     [(when, name) for name, when in seen.items()])
+
+    async def check(self) -> None:
+        """Raise if the database cannot answer a query (asked at most once a second, so
+        that a flood of /health calls cannot keep it busy)."""
+        if time.monotonic() - self._checked < HEALTH_CHECK_INTERVAL:
+            return
+        await self.read("SELECT 1 FROM meta LIMIT 1")
+        self._checked = time.monotonic()
+
+    async def versions_of(self, path: str) -> list[Version]:
+        """The path's kept versions, newest first."""
+        rows = await self.read(f"SELECT {VERSION_COLUMNS} FROM versions WHERE path = ?"
+                               " ORDER BY replaced_at DESC", (path,))
+        return [Version(*row) for row in rows]
+
+    async def get_version(self, path: str, revision: int) -> Version | None:
+        """One kept version."""
+        rows = await self.read(f"SELECT {VERSION_COLUMNS} FROM versions WHERE path = ?"
+                               " AND revision = ?", (path, revision))
+        return Version(*rows[0]) if rows else None
+
+    async def trash(self, prefix: str) -> list[Version]:
+        """The versions deletes kept, of the paths still deleted, under prefix (a string
+        prefix, as for /files)."""
+        columns = ", ".join(f"v.{column.strip()}" for column in VERSION_COLUMNS.split(","))
+        rows = await self.read(
+            f"SELECT {columns} FROM files f JOIN versions v ON v.path = f.path"
+            " AND v.replaced_at = f.revision WHERE f.deleted = 1 AND v.reason = 'delete'"
+            " AND f.path >= ? AND substr(f.path, 1, ?) = ? ORDER BY f.path",
+            (prefix, len(prefix), prefix))
+        return [Version(*row) for row in rows]
+
+    async def state_at(self, prefix: str, at: int) -> tuple[dict[str, Change], dict[str, FileRecord]]:
+        """The last change of each path under prefix with seq <= at, and its record now."""
+        condition, params = under_prefix(prefix)
+        async with self.read_transaction() as db:
+            rows = await db.fetch(self.LATEST_CHANGES.format(condition=condition),
+                                  [at, *params])
+            then = {row[2]: Change(*row) for row in rows}
+            rows = await db.fetch(f"SELECT {FILE_COLUMNS} FROM files WHERE {condition}", params)
+        return then, {row[0]: file_record(row) for row in rows}
+
+    async def has_blob(self, checksum: str) -> bool:
+        """Whether some version keeps this content."""
+        return bool(await self.read("SELECT 1 FROM blobs WHERE checksum = ?", (checksum,)))
+
+    async def blob_checksums(self) -> set[str]:
+        """Every blob the versions refer to."""
+        return {row[0] for row in await self.read("SELECT checksum FROM blobs")}
+
+    async def thinning_candidates(self, after: str, paths: int) -> list[tuple[Version, bool]]:
+        """The versions of the next paths after `after`, newest first, and which are the kept
+        content of their path's current deletion."""
+        columns = ", ".join(f"v.{column.strip()}" for column in VERSION_COLUMNS.split(","))
+        rows = await self.read(
+            f"SELECT {columns}, (f.deleted = 1 AND f.revision = v.replaced_at"
+            "  AND v.reason = 'delete') FROM versions v LEFT JOIN files f ON f.path = v.path"
+            " WHERE v.path IN (SELECT DISTINCT path FROM versions WHERE path > ?"
+            "  ORDER BY path LIMIT ?) ORDER BY v.path, v.time DESC", (after, paths))
+        return [(Version(*row[:9]), bool(row[9])) for row in rows]
+
+    async def _load_state(self, db: SQLConnection) -> None:
+        """At open: the epoch, the cursor, the index and the totals."""
+        self.epoch = (await db.fetch("SELECT value FROM meta WHERE key = 'epoch'"))[0][0]
+        self.cursor = int((await db.fetch(self.CURSOR))[0][0])
+        self._load(await db.fetch(f"SELECT {FILE_COLUMNS} FROM files"))
+        rows = await db.fetch("SELECT (SELECT COUNT(*) FROM versions),"
+                              " (SELECT COALESCE(SUM(size), 0) FROM blobs)")
+        self.version_count, self.blob_bytes = int(rows[0][0]), int(rows[0][1])
+
+
+class SQLiteStore(SQLStore):
     """The inline SQLite database in .syncd/: one writer connection behind a lock, one reader.
 
     Writes go through transaction(), one at a time.  Reads use a second
@@ -1828,13 +2093,16 @@ class SQLiteStore(MetadataStore):
     """
 
     errors = (sqlite3.Error,)
+    # SQLite takes the bare columns from the row that holds MAX(seq)
+    LATEST_CHANGES = ("SELECT MAX(seq), type, path, checksum, size, modified_time, client_id,"
+                      " time FROM changes WHERE seq <= ? AND {condition} GROUP BY path")
+    CURSOR = ("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0)")
 
     def __init__(self, db_path: Path) -> None:
         super().__init__()
         self.db_path = db_path
         self._lock = asyncio.Lock()        # aiosqlite: one BEGIN ... COMMIT at a time (STYLE.md)
         self._read_lock = asyncio.Lock()   # one multi-statement read transaction at a time
-        self._checked = -math.inf  # when check() last reached the database
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
 
@@ -1856,14 +2124,7 @@ class SQLiteStore(MetadataStore):
                 (secrets.token_hex(16),))
             self._reader = await aiosqlite.connect(self.db_path, isolation_level=None)
             await self._reader.execute("PRAGMA query_only = ON")
-            rows = await self._reader.execute_fetchall(
-                "SELECT value FROM meta WHERE key = 'epoch'")
-            self.epoch = rows[0][0]
-            self.cursor = await self._read_cursor(self._reader)
-            self._load(await self._reader.execute_fetchall(f"SELECT {FILE_COLUMNS} FROM files"))
-            rows = await self._reader.execute_fetchall(
-                "SELECT (SELECT COUNT(*) FROM versions), (SELECT COALESCE(SUM(size), 0) FROM blobs)")
-            self.version_count, self.blob_bytes = int(rows[0][0]), int(rows[0][1])
+            await self._load_state(SQLiteConnection(self._reader))
         except BaseException:
             await self.close()
             raise
@@ -1891,21 +2152,19 @@ class SQLiteStore(MetadataStore):
         assert self._reader is not None, "the store is not open"
         return self._reader
 
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        """One query on the reader."""
+        return list(await self.reader.execute_fetchall(sql, params))
+
     @contextlib.asynccontextmanager
-    async def read_transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def read_transaction(self) -> AsyncIterator[SQLConnection]:
         """Several reads that see one committed state."""
         async with self._read_lock:
             await self.reader.execute("BEGIN")
             try:
-                yield self.reader
+                yield SQLiteConnection(self.reader)
             finally:
                 await self.reader.execute("COMMIT")
-
-    @staticmethod
-    async def _read_cursor(db: aiosqlite.Connection) -> int:
-        rows = await db.execute_fetchall(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'changes'")
-        return int(rows[0][0]) if rows else 0
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -1917,7 +2176,7 @@ class SQLiteStore(MetadataStore):
         """
         assert self._writer is not None, "the store is not open"
         async with self._lock:
-            tx = SQLiteTransaction(self._writer, self.index, self.cursor)
+            tx = SQLTransaction(SQLiteConnection(self._writer), self.index, self.cursor)
             await self._writer.execute("BEGIN IMMEDIATE")
             try:
                 yield tx
@@ -1926,186 +2185,238 @@ class SQLiteStore(MetadataStore):
             except BaseException:
                 with contextlib.suppress(Exception):
                     await self._writer.execute("ROLLBACK")
-                for undo in reversed(tx.undo):
-                    try:
-                        undo()
-                    except OSError:
-                        log.exception("could not undo a file operation after a failed commit")
+                tx.run_undo()
                 raise
             self._committed(tx)
             for hook in tx.after_commit:
                 hook()
 
-    async def changes_since(self, since: int, limit: int) -> tuple[list[Change], int, bool]:
-        """Journal entries with seq > since (at most limit), the cursor, and whether more wait."""
-        async with self.read_transaction() as db:
-            rows = await db.execute_fetchall(
-                f"SELECT {CHANGE_COLUMNS} FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
-                (since, limit + 1))
-            cursor = await self._read_cursor(db)
-        changes = [Change(*row) for row in rows[:limit]]
-        return changes, cursor, len(rows) > limit
-
-    async def pending_moves(self) -> list[tuple[str, str, str]]:
-        """The moves noted but not finished."""
-        rows = await self.reader.execute_fetchall(
-            "SELECT source, target, client_id FROM moves ORDER BY time")
-        return [(row[0], row[1], row[2]) for row in rows]
-
-    async def save_upload(self, upload: PartialUpload) -> None:
-        """Store a resumable upload's record."""
-        async with self.transaction() as tx:
-            assert isinstance(tx, SQLiteTransaction)
-            await tx.db.execute(
-                "INSERT OR REPLACE INTO uploads (id, client_id, length, received, metadata,"
-                " expires) VALUES (?, ?, ?, ?, ?, ?)",
-                (upload.id, upload.client_id, upload.length, upload.received,
-                 json.dumps(upload.metadata), upload.expires))
-
-    async def drop_upload(self, upload_id: str) -> None:
-        """Forget a resumable upload."""
-        async with self.transaction() as tx:
-            assert isinstance(tx, SQLiteTransaction)
-            await tx.db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
-
-    async def get_upload(self, upload_id: str) -> PartialUpload | None:
-        """A resumable upload's record."""
-        rows = await self.reader.execute_fetchall(
-            f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = ?", (upload_id,))
-        return partial_upload(rows[0]) if rows else None
-
-    async def uploads_of(self, client_id: str | None) -> list[PartialUpload]:
-        """The resumable uploads of one client, or of all."""
-        if client_id is None:
-            rows = await self.reader.execute_fetchall(f"SELECT {UPLOAD_COLUMNS} FROM uploads")
-        else:
-            rows = await self.reader.execute_fetchall(
-                f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE client_id = ?", (client_id,))
-        return [partial_upload(row) for row in rows]
-
-    async def register_client(self, client_id: str, name: str | None,
-                              platform: str | None, version: str | None) -> bool:
-        """Store or refresh a client; True when it is new."""
-        now = time.time()
-        async with self.transaction() as tx:
-            assert isinstance(tx, SQLiteTransaction)
-            existing = await tx.db.execute_fetchall(
-                "SELECT 1 FROM clients WHERE client_id = ?", (client_id,))
-            await tx.db.execute(
-                "INSERT INTO clients (client_id, name, platform, version, registered_at,"
-                " last_seen) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE"
-                " SET name = excluded.name, platform = excluded.platform,"
-                " version = excluded.version, last_seen = excluded.last_seen",
-                (client_id, name, platform, version, now, now))
-        return not existing
-
-    async def touch_client(self, client_id: str) -> None:
-        """Note that a registered client was seen now."""
-        async with self.transaction() as tx:
-            assert isinstance(tx, SQLiteTransaction)
-            await tx.db.execute("UPDATE clients SET last_seen = ? WHERE client_id = ?",
-                                (time.time(), client_id))
-
-    async def list_clients(self) -> list[ClientRecord]:
-        """Every registered client, by id."""
-        rows = await self.reader.execute_fetchall(
-            "SELECT client_id, name, platform, version, registered_at, last_seen"
-            " FROM clients ORDER BY client_id")
-        return [ClientRecord(*row) for row in rows]
-
-    async def save_device(self, device: Device) -> None:
-        """Store or replace a device's record."""
-        async with self.transaction() as tx:
-            assert isinstance(tx, SQLiteTransaction)
-            await tx.db.execute(
-                f"INSERT OR REPLACE INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                (device.name, device.scope, device.token_hash, device.created,
-                 device.last_seen, int(device.revoked)))
-
-    async def list_devices(self) -> list[Device]:
-        """Every device, by name."""
-        rows = await self.reader.execute_fetchall(
-            f"SELECT {DEVICE_COLUMNS} FROM devices ORDER BY name")
-        return [Device(row[0], row[1], row[2], row[3], row[4], bool(row[5])) for row in rows]
-
-    async def note_devices_seen(self, seen: Mapping[str, float]) -> None:
-        """Record when devices were last seen."""
-        async with self.transaction() as tx:
-            assert isinstance(tx, SQLiteTransaction)
-            await tx.db.executemany("UPDATE devices SET last_seen = ? WHERE name = ?",
-                                    [(when, name) for name, when in seen.items()])
-
-    async def check(self) -> None:
-        """Raise if the database cannot answer a query (asked at most once a second, so
-        that a flood of /health calls cannot keep the reader busy)."""
-        if time.monotonic() - self._checked < HEALTH_CHECK_INTERVAL:
-            return
-        await self.reader.execute_fetchall("SELECT 1 FROM meta LIMIT 1")
-        self._checked = time.monotonic()
-
     def failure(self, exc: BaseException) -> Refused | None:
         """sqlite_failure."""
         return sqlite_failure(exc)
 
-    async def versions_of(self, path: str) -> list[Version]:
-        """The path's kept versions, newest first."""
-        rows = await self.reader.execute_fetchall(
-            f"SELECT {VERSION_COLUMNS} FROM versions WHERE path = ? ORDER BY replaced_at DESC",
-            (path,))
-        return [Version(*row) for row in rows]
 
-    async def get_version(self, path: str, revision: int) -> Version | None:
-        """One kept version."""
-        rows = await self.reader.execute_fetchall(
-            f"SELECT {VERSION_COLUMNS} FROM versions WHERE path = ? AND revision = ?",
-            (path, revision))
-        return Version(*rows[0]) if rows else None
+# -- PostgreSQL ---------------------------------------------------------------------
 
-    async def trash(self, prefix: str) -> list[Version]:
-        """The versions deletes kept, of the paths still deleted, under prefix (a string
-        prefix, as for /files)."""
-        columns = ", ".join(f"v.{column.strip()}" for column in VERSION_COLUMNS.split(","))
-        rows = await self.reader.execute_fetchall(
-            f"SELECT {columns} FROM files f JOIN versions v ON v.path = f.path"
-            " AND v.replaced_at = f.revision WHERE f.deleted = 1 AND v.reason = 'delete'"
-            " AND f.path >= ? AND substr(f.path, 1, ?) = ? ORDER BY f.path",
-            (prefix, len(prefix), prefix))
-        return [Version(*row) for row in rows]
+# The same tables as SCHEMA, in PostgreSQL's types. Paths sort by their bytes (COLLATE
+# "C"), as in SQLite: /files, /trash and the thinning walk are in that order.
+PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key           TEXT PRIMARY KEY,
+    value         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    path          TEXT COLLATE "C" PRIMARY KEY,
+    fold          TEXT COLLATE "C" NOT NULL,
+    checksum      TEXT NOT NULL,
+    size          BIGINT NOT NULL,
+    modified_time DOUBLE PRECISION NOT NULL,
+    revision      BIGINT NOT NULL,
+    deleted       INTEGER NOT NULL,
+    time          DOUBLE PRECISION NOT NULL,
+    client_id     TEXT NOT NULL,
+    mtime_ns      BIGINT NOT NULL DEFAULT -1
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq           BIGINT PRIMARY KEY,
+    type          TEXT NOT NULL CHECK (type IN ('upsert', 'delete')),
+    path          TEXT COLLATE "C" NOT NULL,
+    checksum      TEXT NOT NULL,
+    size          BIGINT NOT NULL,
+    modified_time DOUBLE PRECISION NOT NULL,
+    client_id     TEXT NOT NULL,
+    time          DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_by_path ON changes (path, seq);
+CREATE TABLE IF NOT EXISTS versions (
+    path          TEXT COLLATE "C" NOT NULL,
+    revision      BIGINT NOT NULL,
+    checksum      TEXT NOT NULL,
+    size          BIGINT NOT NULL,
+    modified_time DOUBLE PRECISION NOT NULL,
+    replaced_at   BIGINT NOT NULL,
+    replaced_by   TEXT NOT NULL,
+    time          DOUBLE PRECISION NOT NULL,
+    reason        TEXT NOT NULL CHECK (reason IN ('overwrite', 'delete')),
+    PRIMARY KEY (path, revision)
+);
+CREATE INDEX IF NOT EXISTS versions_by_time ON versions (time);
+CREATE INDEX IF NOT EXISTS versions_by_checksum ON versions (checksum);
+CREATE TABLE IF NOT EXISTS blobs (
+    checksum      TEXT PRIMARY KEY,
+    size          BIGINT NOT NULL,
+    refs          BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    id            TEXT PRIMARY KEY,
+    client_id     TEXT NOT NULL,
+    length        BIGINT,
+    received      BIGINT NOT NULL,
+    metadata      TEXT NOT NULL,
+    expires       DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS moves (
+    source        TEXT COLLATE "C" PRIMARY KEY,
+    target        TEXT COLLATE "C" NOT NULL,
+    client_id     TEXT NOT NULL,
+    time          DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id     TEXT PRIMARY KEY,
+    name          TEXT,
+    platform      TEXT,
+    version       TEXT,
+    registered_at DOUBLE PRECISION NOT NULL,
+    last_seen     DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    name          TEXT PRIMARY KEY,
+    scope         TEXT NOT NULL CHECK (scope IN ('read', 'write', 'admin')),
+    token_hash    TEXT NOT NULL UNIQUE,
+    created       DOUBLE PRECISION NOT NULL,
+    last_seen     DOUBLE PRECISION,
+    revoked       INTEGER NOT NULL
+);
+"""
+PG_SCHEMA_LOCK = 0x73796E01     # advisory lock keys: creating the schema;
+PG_NODE_LOCK = 0x73796E02       # held by the one node a database serves (see PostgresStore)
+# SQLSTATE classes and codes that mean the database, not the query, is at fault.
+PG_FULL_STATES = frozenset({"53100"})                          # disk_full
+PG_FAILING_PREFIXES = ("08", "53", "57", "58", "25006")        # connection, resources,
+                                                               # shutdown, system, read-only
 
-    async def state_at(self, prefix: str, at: int) -> tuple[dict[str, Change], dict[str, FileRecord]]:
-        """The last change of each path under prefix with seq <= at, and its record now."""
-        condition, params = under_prefix(prefix)
-        async with self.read_transaction() as db:
-            # SQLite takes the bare columns from the row that holds MAX(seq)
-            rows = await db.execute_fetchall(
-                "SELECT MAX(seq), type, path, checksum, size, modified_time, client_id, time"
-                f" FROM changes WHERE seq <= ? AND {condition} GROUP BY path", [at, *params])
-            then = {row[2]: Change(*row) for row in rows}
-            rows = await db.execute_fetchall(
-                f"SELECT {FILE_COLUMNS} FROM files WHERE {condition}", params)
-        return then, {row[0]: file_record(row) for row in rows}
 
-    async def has_blob(self, checksum: str) -> bool:
-        """Whether some version keeps this content."""
-        rows = await self.reader.execute_fetchall(
-            "SELECT 1 FROM blobs WHERE checksum = ?", (checksum,))
-        return bool(rows)
+@functools.lru_cache(maxsize=512)
+def numbered(sql: str) -> str:
+    """SQLite's ? placeholders as PostgreSQL's $1, $2, ...: the one difference most of the
+    shared queries have (no query holds a literal question mark)."""
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${number}{part}" for number, part in enumerate(parts[1:], 1))
 
-    async def blob_checksums(self) -> set[str]:
-        """Every blob the versions refer to."""
-        rows = await self.reader.execute_fetchall("SELECT checksum FROM blobs")
-        return {row[0] for row in rows}
 
-    async def thinning_candidates(self, after: str, paths: int) -> list[tuple[Version, bool]]:
-        """The versions of the next paths after `after`, newest first, and which are the kept
-        content of their path's current deletion."""
-        columns = ", ".join(f"v.{column.strip()}" for column in VERSION_COLUMNS.split(","))
-        rows = await self.reader.execute_fetchall(
-            f"SELECT {columns}, (f.deleted = 1 AND f.revision = v.replaced_at"
-            "  AND v.reason = 'delete') FROM versions v LEFT JOIN files f ON f.path = v.path"
-            " WHERE v.path IN (SELECT DISTINCT path FROM versions WHERE path > ?"
-            "  ORDER BY path LIMIT ?) ORDER BY v.path, v.time DESC", (after, paths))
-        return [(Version(*row[:9]), bool(row[9])) for row in rows]
+class PostgresConnection(SQLConnection):
+    """An asyncpg connection."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await self.conn.execute(numbered(sql), *params)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        return list(await self.conn.fetch(numbered(sql), *params))
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self.conn.executemany(numbered(sql), rows)
+
+
+def postgres_failure(exc: BaseException) -> Refused | None:
+    """StorageFull or StorageFailing for a PostgreSQL error of the server or the link."""
+    state = getattr(exc, "sqlstate", None)
+    if state in PG_FULL_STATES:
+        return StorageFull()
+    # the link: refused, reset, timed out, or closed under asyncpg (not any OSError: a
+    # full disk under the tree is the file store's to answer)
+    if (state and state.startswith(PG_FAILING_PREFIXES)) or isinstance(exc, (
+            ConnectionError, asyncio.TimeoutError)) or type(exc).__name__ in (
+            "InterfaceError", "ConnectionDoesNotExistError", "InternalClientError"):
+        return StorageFailing()
+    return None
+
+
+class PostgresStore(SQLStore):
+    """The metadata in PostgreSQL (database_url), through a pool of asyncpg connections.
+
+    Writes go through transaction(), one at a time, as with SQLite; reads take a pooled
+    connection each. Until the cluster mode (several nodes on one database) is built, a
+    node holds an advisory lock for as long as it runs, and a second node is refused at
+    start-up rather than allowed to corrupt the journal.
+    """
+
+    LATEST_CHANGES = ("SELECT DISTINCT ON (path) seq, type, path, checksum, size,"
+                      " modified_time, client_id, time FROM changes"
+                      " WHERE seq <= ? AND {condition} ORDER BY path, seq DESC")
+    CURSOR = "SELECT COALESCE(MAX(seq), 0) FROM changes"
+
+    def __init__(self, url: str, pool_size: int) -> None:
+        super().__init__()
+        import asyncpg  # type: ignore[import-untyped]   # only this backend needs it
+        self.asyncpg = asyncpg
+        self.errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                       asyncio.TimeoutError)
+        self.url, self.pool_size = url, pool_size
+        self._lock = asyncio.Lock()
+        self._pool: Any = None
+        self._node: Any = None      # the connection that holds PG_NODE_LOCK
+
+    async def open(self) -> None:
+        """Connect, take the node lock, create the schema if needed, load the state."""
+        try:
+            self._node = await self.asyncpg.connect(self.url, timeout=10)
+            if not await self._node.fetchval("SELECT pg_try_advisory_lock($1)", PG_NODE_LOCK):
+                raise StorageUnusable("another syncd node serves this database (several "
+                                      "nodes on one database are not supported yet)")
+            self._pool = await self.asyncpg.create_pool(
+                self.url, min_size=1, max_size=self.pool_size, timeout=10)
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_SCHEMA_LOCK)
+                await conn.execute(PG_SCHEMA)
+                await conn.execute("INSERT INTO meta (key, value) VALUES ('epoch', $1)"
+                                   " ON CONFLICT DO NOTHING", secrets.token_hex(16))
+            async with self.read_transaction() as db:
+                await self._load_state(db)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close the pool and the node's connection (which lets the node lock go)."""
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 10)
+        if self._node is not None:
+            with contextlib.suppress(Exception):
+                await self._node.close(timeout=10)
+        self._pool = self._node = None
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        """One query on a pooled connection."""
+        assert self._pool is not None, "the store is not open"
+        return list(await self._pool.fetch(numbered(sql), *params))
+
+    @contextlib.asynccontextmanager
+    async def read_transaction(self) -> AsyncIterator[SQLConnection]:
+        """Several reads that see one committed state (a REPEATABLE READ snapshot)."""
+        assert self._pool is not None, "the store is not open"
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                                  readonly=True):
+            yield PostgresConnection(conn)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """BEGIN ... COMMIT on a pooled connection, one at a time; on any failure ROLLBACK
+        and run the undo hooks. After-commit hooks run under the lock, in seq order."""
+        assert self._pool is not None, "the store is not open"
+        async with self._lock, self._pool.acquire() as conn:
+            tx = SQLTransaction(PostgresConnection(conn), self.index, self.cursor)
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                yield tx
+                await tx.flush()
+                await transaction.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await transaction.rollback()
+                tx.run_undo()
+                raise
+            self._committed(tx)
+            for hook in tx.after_commit:
+                hook()
+
+    def failure(self, exc: BaseException) -> Refused | None:
+        """postgres_failure."""
+        return postgres_failure(exc)
 
 
 # ===========================================================================
@@ -4288,10 +4599,10 @@ class Tree:
             except (Conflict, NotFound):
                 result.blocked.append(path)
         for path, was, current in plan.restore:
-            live = current if current is not None and not current.deleted else None
+            now = current if current is not None and not current.deleted else None
             try:
                 await self._restore_content(path, was.checksum, was.modified_time, client_id,
-                                            Precondition(base_checksum=live.checksum if live
+                                            Precondition(base_checksum=now.checksum if now
                                                          else current.checksum if current else ""))
                 result.restored += 1
             except (Conflict, CaseConflict):
@@ -6991,8 +7302,11 @@ async def close_websockets(app: web.Application) -> None:
 def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
     """The syncd Application for config; tests import this."""
     root = Path(config.sync_directory)
+    store: MetadataStore = (
+        PostgresStore(config.database_url, config.database_pool_size) if config.database_url
+        else SQLiteStore(root / STATE_DIR / "syncd.db"))
     tree = Tree(config,
-                store=SQLiteStore(root / STATE_DIR / "syncd.db"),
+                store=store,
                 files=FileStore(root),
                 hub=Hub(config.ws_queue_size, config.heartbeat_interval, config.heartbeat_timeout),
                 metrics=Metrics())

@@ -17,7 +17,8 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,134 @@ def make_config(tmp_path: Path, **overrides: Any) -> syncd.Config:
     return syncd.Config(**overrides)
 
 
+# -- PostgreSQL: a real server, started as an unprivileged user -----------------------
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+ON_POSTGRES = os.environ.get("SYNCD_TEST_DATABASE") == "postgres"   # the whole suite on it
+
+
+class Postgres:
+    """A throw-away PostgreSQL server on a free loopback port (trust authentication)."""
+
+    def __init__(self) -> None:
+        initdb = shutil.which("initdb") or str(PG_BIN / "initdb")
+        if not Path(initdb).exists():
+            pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+        self.bin = Path(initdb).parent
+        self.dir = Path(tempfile.mkdtemp(prefix="syncd-pg-"))
+        self.port = free_port()
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:               # PostgreSQL refuses to run as root
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("no postgres user to run PostgreSQL as")
+            os.chown(self.dir, pwd.getpwnam("postgres").pw_uid, -1)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres",
+                 "--no-sync", "-E", "UTF8")
+        self.start()
+        self.databases = 0
+
+    def run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_user, str(self.bin / tool), *args], check=True,
+                       capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self.run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w",
+                 "start", "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                                "-c fsync=off -c max_connections=300")
+
+    def stop(self, mode: str = "fast") -> None:
+        self.run("pg_ctl", "-D", str(self.dir / "data"), "-m", mode, "-w", "stop")
+
+    def url(self, database: str = "postgres") -> str:
+        # sslmode=disable: no TLS to a loopback server, and no look at ~/.postgresql (which
+        # a daemon run as nobody cannot read)
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}?sslmode=disable"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        import asyncpg
+        self.databases += 1
+        name = f"syncd_test_{self.databases}"
+
+        async def create() -> None:
+            conn = await asyncpg.connect(self.url())
+            try:
+                await conn.execute(f"CREATE DATABASE {name}")
+            finally:
+                await conn.close()
+        _in_thread(create)      # the caller may be inside an event loop already
+        return self.url(name)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _in_thread(work: Callable[[], Any]) -> None:
+    """Run a coroutine function to its end on a loop of its own, in a thread."""
+    import asyncio
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(work())
+        except BaseException as exc:
+            failure.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=60)
+    if failure:
+        raise failure[0]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One PostgreSQL server for the test session (skips where it cannot be had)."""
+    server = Postgres()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """With SYNCD_TEST_DATABASE=postgres, a fresh PostgreSQL database for this test (the
+    apps it starts share it, as one server's restarts would); else None: SQLite."""
+    if not ON_POSTGRES:
+        return None
+    url = str(request.getfixturevalue("postgres").new_database())
+    CURRENT_DATABASE.append(url)
+    return url
+
+
+sqlite_only = pytest.mark.skipif(ON_POSTGRES,
+                                 reason="about SQLite itself (its file, errors or connections)")
+CURRENT_DATABASE: list[str] = []     # with SYNCD_TEST_DATABASE=postgres: this test's database
+
+
+def db_query(data_dir: Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """A statement on the server's metadata (written with ?, committed at once): the SQLite
+    file in data_dir/.syncd/, or, on PostgreSQL, this test's database. Its rows."""
+    if not ON_POSTGRES:
+        with contextlib.closing(sqlite3.connect(data_dir / ".syncd" / "syncd.db")) as db:
+            with db:
+                return db.execute(sql, params).fetchall()
+    import asyncpg
+    rows: list[tuple[Any, ...]] = []
+
+    async def run() -> None:
+        conn = await asyncpg.connect(CURRENT_DATABASE[-1])
+        try:
+            rows.extend(tuple(row) for row in await conn.fetch(syncd.numbered(sql), *params))
+        finally:
+            await conn.close()
+    _in_thread(run)
+    return rows
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     """The sync directory of the default app."""
@@ -48,10 +177,19 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def app_client(aiohttp_client: Any, tmp_path: Path) -> Callable[..., Any]:
+def app_client(aiohttp_client: Any, tmp_path: Path, database_url: str | None,
+               request: pytest.FixtureRequest) -> Callable[..., Any]:
     """Start an in-process app with the given settings; returns its test client."""
+    databases = {str(tmp_path / "data"): database_url}   # one per tree, as one server's
+
     async def start(**overrides: Any) -> Any:
-        return await aiohttp_client(syncd.make_app(make_config(tmp_path, **overrides)))
+        config = make_config(tmp_path, **overrides)
+        if database_url is not None and "database_url" not in overrides:
+            if config.sync_directory not in databases:
+                databases[config.sync_directory] = str(
+                    request.getfixturevalue("postgres").new_database())
+            config = replace(config, database_url=databases[config.sync_directory])
+        return await aiohttp_client(syncd.make_app(config))
     return start
 
 
@@ -96,6 +234,17 @@ async def recovered(client: Any) -> Any:
     if task is not None:
         await task
     return client
+
+
+def database_error(full: bool) -> Exception:
+    """What the metadata database's driver raises when its disk is full (full) or failing:
+    SQLite's result codes, or PostgreSQL's SQLSTATE (53100 disk_full, 58030 io_error)."""
+    if ON_POSTGRES:
+        import asyncpg
+        return (asyncpg.exceptions.DiskFullError("could not extend file: No space left")
+                if full else asyncpg.exceptions.PostgresIOError("could not write block"))
+    return (sqlite_error(sqlite3.SQLITE_FULL, "database or disk is full") if full
+            else sqlite_error(sqlite3.SQLITE_IOERR, "disk I/O error"))
 
 
 def sqlite_error(code: int, message: str) -> sqlite3.OperationalError:
@@ -249,14 +398,22 @@ def kill_mid_put(server: Daemon, path: str, data: bytes, cut: int, delay: float)
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Start real daemons; each is stopped (SIGTERM, then SIGKILL) at the end."""
+def daemon(tmp_path: Path, database_url: str | None,
+           request: pytest.FixtureRequest) -> Iterator[Callable[..., Daemon]]:
+    """Start real daemons; each is stopped (SIGTERM, then SIGKILL) at the end. With
+    SYNCD_TEST_DATABASE=postgres each tree gets a PostgreSQL database of its own."""
     started: list[Daemon] = []
+    databases = {tmp_path: database_url}
 
     def start(*args: str, env: dict[str, str] | None = None, port: int | None = None,
               base: Path | None = None, as_nobody: bool = False,
               preexec_fn: Callable[[], None] | None = None) -> Daemon:
-        instance = Daemon(base or tmp_path, *args, env=env, port=port, as_nobody=as_nobody,
+        base = base or tmp_path
+        if database_url is not None and "--database-url" not in args:
+            if base not in databases:
+                databases[base] = str(request.getfixturevalue("postgres").new_database())
+            args = (*args, "--database-url", str(databases[base]))
+        instance = Daemon(base, *args, env=env, port=port, as_nobody=as_nobody,
                           preexec_fn=preexec_fn)
         started.append(instance)
         instance.wait_ready()

@@ -588,7 +588,7 @@ async def test_internal_error_hides_details(client: Any, monkeypatch: pytest.Mon
                                             data_dir: Path) -> None:
     async def broken(self: Any) -> Any:
         raise RuntimeError(f"boom at {data_dir}/secret")
-    monkeypatch.setattr(syncd.SQLiteStore, "list_clients", broken)
+    monkeypatch.setattr(syncd.SQLStore, "list_clients", broken)
     response = await client.get("/clients")
     body = await error_of(response, 500)
     assert body == {"error": "internal", "message": "internal server error"}

@@ -77,11 +77,11 @@ async def test_ip_and_localhost_hosts_are_served(client: Any, host: str) -> None
     assert (await client.get("/files", headers={"Host": host})).status == 200
 
 
-async def test_allowed_hosts_and_any_host_with_a_key(app_client: Any) -> None:
+async def test_allowed_hosts_and_any_host_with_a_key(app_client: Any, tmp_path: Any) -> None:
     client = await app_client(allowed_hosts=("sync.lan",))
     assert (await client.get("/files", headers={"Host": "sync.lan:8000"})).status == 200
     assert (await client.get("/files", headers={"Host": "other.lan"})).status == 403
-    keyed = await app_client(api_key="k")
+    keyed = await app_client(api_key="k", sync_directory=str(tmp_path / "keyed"))
     response = await keyed.get("/files", headers={"Host": "sync.example.com",
                                                   "Authorization": "Bearer k"})
     assert response.status == 200

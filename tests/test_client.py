@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import ROOT, Clients, tree, wait_until, write
+from conftest import Clients, ROOT, sqlite_only, tree, wait_until, write
 
 
 def converged(clients: Clients, *names: str) -> bool:
@@ -105,6 +105,7 @@ def test_emptied_folder_deletes_nothing_on_the_server(clients: Clients) -> None:
     assert tree(a) == tree(c)
 
 
+@sqlite_only       # a reset server is its folder deleted, database included
 def test_reset_server_is_a_union_resync(clients: Clients, daemon: Any) -> None:
     a, b = clients.folder("A"), clients.folder("B")
     write(a, "kept.txt", b"k")

@@ -13,12 +13,11 @@ import aiohttp
 import pytest
 
 import syncd
-from conftest import error_of, put, sha, sqlite_error, tmp_files, upload
+from conftest import database_error, db_query, error_of, put, sha, sqlite_error, sqlite_only, tmp_files, upload
 
 
 def db_rows(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(data_dir / ".syncd" / "syncd.db") as db:
-        return db.execute(sql).fetchall()
+    return db_query(data_dir, sql)
 
 
 class Fault:
@@ -31,25 +30,17 @@ class Fault:
             "fsync": (syncd.os, "fsync"),
             "link": (syncd.os, "link"),
             "rename": (syncd.os, "rename"),
-            "journal": (syncd.SQLiteTransaction, "record_upsert"),
-            "commit": (syncd.SQLiteTransaction, "record_upsert"),
+            "journal": (syncd.SQLTransaction, "record_upsert"),
+            "commit": (syncd.SQLTransaction, "flush"),
         }[step]
         real = getattr(target, name)
         fault = self
 
-        if step == "commit":     # the COMMIT statement itself, after every row was written
-            async def failing_commit(tx: Any, *args: Any) -> Any:
-                record = await real(tx, *args)
+        if step == "commit":     # at the commit, after every row was written
+            async def failing_commit(tx: Any) -> None:
+                await real(tx)
                 if fault.armed:
-                    real_execute = tx.db.execute
-
-                    async def execute(sql: str, *rest: Any) -> Any:
-                        if sql == "COMMIT":
-                            tx.db.execute = real_execute
-                            raise fault.exc
-                        return await real_execute(sql, *rest)
-                    tx.db.execute = execute
-                return record
+                    raise fault.exc
             monkeypatch.setattr(target, name, failing_commit)
         elif step == "journal":
             async def failing_async(*args: Any) -> Any:
@@ -79,8 +70,7 @@ async def test_a_fault_at_any_step_leaves_the_old_file(client: Any, data_dir: Pa
                                                        exc: OSError, status: int, code: str) -> None:
     await put(client, "doc.txt", b"old version")
     fault = Fault(monkeypatch, step, exc if step not in ("journal", "commit")
-                  else sqlite_error(sqlite3.SQLITE_FULL, "database or disk is full")
-                  if exc.errno == errno.ENOSPC else sqlite_error(sqlite3.SQLITE_IOERR, "disk I/O error"))
+                  else database_error(full=exc.errno == errno.ENOSPC))
     async with client.ws_connect("/ws/watcher") as ws:
         await ws.receive_json(timeout=5)
         fault.armed = True
@@ -117,13 +107,14 @@ async def test_a_fault_during_delete_keeps_the_file(client: Any, data_dir: Path,
     await put(client, "a.txt", b"keep me")
 
     async def failing(*args: Any) -> Any:
-        raise sqlite_error(sqlite3.SQLITE_FULL, "database or disk is full")
-    monkeypatch.setattr(syncd.SQLiteTransaction, "record_delete", failing)
+        raise database_error(full=True)
+    monkeypatch.setattr(syncd.SQLTransaction, "record_delete", failing)
     body = await error_of(await client.delete("/files/a.txt", params={"client_id": "x"}), 507)
     assert body["error"] == "insufficient_storage"
     assert (data_dir / "a.txt").read_bytes() == b"keep me" and tmp_files(data_dir) == []
 
 
+@sqlite_only
 async def test_read_only_storage_refuses_writes_and_serves_reads(client: Any, data_dir: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     await put(client, "a.txt", b"readable")
@@ -141,7 +132,7 @@ async def test_read_only_storage_refuses_writes_and_serves_reads(client: Any, da
         raise sqlite_error(sqlite3.SQLITE_READONLY, "attempt to write a readonly database")
     monkeypatch.setattr(syncd.os, "open", read_only)
     monkeypatch.setattr(syncd.os, "rename", no_rename)
-    monkeypatch.setattr(syncd.SQLiteStore, "touch_client", read_only_db)
+    monkeypatch.setattr(syncd.SQLStore, "touch_client", read_only_db)
     body = await error_of(await put(client, "b.txt", b"x"), 503)
     assert body["error"] == "storage_unavailable" and "read-only" in body["message"]
     assert (await error_of(await upload(client, "b.txt", b"x"), 503))["error"] == "storage_unavailable"

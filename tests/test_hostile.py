@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 import syncd
-from conftest import ROOT, free_port, http_request, put, recovered, sha, tmp_files
+from conftest import ROOT, db_query, free_port, http_request, put, recovered, sha, sqlite_only, tmp_files
 
 
 @pytest.fixture(autouse=True)
@@ -215,6 +214,7 @@ def test_unusable_database_exits_4_with_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@sqlite_only
 async def test_state_folder_and_database_are_private(app_client: Any, data_dir: Path) -> None:
     old = os.umask(0o022)
     try:
@@ -293,9 +293,8 @@ async def test_a_client_write_during_the_rehash_wins(app_client: Any, data_dir: 
     response = await client.get("/download/doc.txt")
     assert await response.read() == b"v2 from a client"
     assert response.headers["ETag"] == f'"{sha(b"v2 from a client")}"'
-    with sqlite3.connect(data_dir / ".syncd" / "syncd.db") as db:
-        assert db.execute("SELECT checksum FROM files WHERE path = 'doc.txt'").fetchone() == (
-            sha(b"v2 from a client"),)
+    assert db_query(data_dir, "SELECT checksum FROM files WHERE path = 'doc.txt'") == [
+        (sha(b"v2 from a client"),)]
 
 
 async def test_a_file_changed_behind_our_back_is_503_until_rehashed(app_client: Any,

@@ -4,14 +4,13 @@ and every write check uses instead of the database."""
 from __future__ import annotations
 
 import errno
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import syncd
-from conftest import error_of, put, sha
+from conftest import db_query, error_of, put, sha
 from test_bulk import bulk
 
 
@@ -20,8 +19,7 @@ def record(path: str, deleted: bool = False) -> syncd.FileRecord:
 
 
 def db_records(data_dir: Path) -> dict[str, syncd.FileRecord]:
-    with sqlite3.connect(data_dir / ".syncd" / "syncd.db") as db:
-        rows = db.execute(f"SELECT {syncd.FILE_COLUMNS} FROM files").fetchall()
+    rows = db_query(data_dir, f"SELECT {syncd.FILE_COLUMNS} FROM files")
     return {row[0]: syncd.FileRecord(*row[:5], bool(row[5]), *row[6:]) for row in rows}
 
 
@@ -85,22 +83,21 @@ async def test_a_failed_commit_leaves_the_index_as_it_was(
         client: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     await put(client, "kept.txt", b"kept")
     store = client.server.app[syncd.STATE].tree.store
-    real = syncd.SQLiteStore._committed
+    real = syncd.SQLStore._committed
 
     def commit_then_fail(*args: Any) -> Any:     # never reached: the COMMIT fails first
         raise AssertionError("the index was brought up to a failed transaction")
-    real_execute = store._writer.execute
+    real_flush = syncd.SQLTransaction.flush
 
-    async def failing_commit(sql: str, *args: Any) -> Any:
-        if sql == "COMMIT":
-            raise OSError(errno.EIO, "Input/output error")
-        return await real_execute(sql, *args)
-    monkeypatch.setattr(store._writer, "execute", failing_commit)
-    monkeypatch.setattr(syncd.SQLiteStore, "_committed", commit_then_fail)
+    async def failing_commit(tx: Any) -> None:      # every row written, then the commit fails
+        await real_flush(tx)
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(syncd.SQLTransaction, "flush", failing_commit)
+    monkeypatch.setattr(syncd.SQLStore, "_committed", commit_then_fail)
     await error_of(await put(client, "new.txt", b"new"), 503)
     await error_of(await client.delete("/files/kept.txt", params={"client_id": "x"}), 503)
-    monkeypatch.setattr(syncd.SQLiteStore, "_committed", real)
-    monkeypatch.setattr(store._writer, "execute", real_execute)
+    monkeypatch.setattr(syncd.SQLStore, "_committed", real)
+    monkeypatch.setattr(syncd.SQLTransaction, "flush", real_flush)
     assert (await client.get("/download/new.txt")).status == 404
     assert await (await client.get("/download/kept.txt")).read() == b"kept"
     assert store.index.records == db_records(data_dir)

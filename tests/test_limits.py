@@ -8,22 +8,22 @@ import errno
 import json
 import resource
 import socket
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import syncd
-from conftest import http_request, put, wait_until
+from conftest import db_query, http_request, put, sqlite_only, wait_until
 
 
 def db_totals(data_dir: Path) -> tuple[int, int]:
-    with sqlite3.connect(data_dir / ".syncd" / "syncd.db") as db:
-        return db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files"
-                          " WHERE deleted = 0").fetchone()
+    (row,) = db_query(data_dir, "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files"
+                                " WHERE deleted = 0")
+    return int(row[0]), int(row[1])
 
 
+@sqlite_only       # counts the statements on SQLite's reader connection
 async def test_health_keeps_its_counters_in_memory(client: Any) -> None:
     await put(client, "a", b"a")
     store = client.server.app[syncd.STATE].tree.store
@@ -52,12 +52,12 @@ async def test_live_counters_follow_every_kind_of_change(app_client: Any, data_d
     await put(client, "dir/1", b"back")                # re-created after its tombstone
     await client.delete("/files/dir", params={"client_id": "x"})
     await put(client, "b", b"bbb")
-    real = syncd.SQLiteTransaction.record_upsert
+    real = syncd.SQLTransaction.record_upsert
 
     async def failing(*args: Any) -> Any:              # the row is written, the commit fails
         await real(*args)
         raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(syncd.SQLiteTransaction, "record_upsert", failing)
+    monkeypatch.setattr(syncd.SQLTransaction, "record_upsert", failing)
     assert (await put(client, "c", b"never")).status == 503
     monkeypatch.undo()
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-import sqlite3
 from pathlib import Path
 from typing import Any
 
-from conftest import put
+from conftest import db_query, put
 
 
 def labels_of(text: str) -> dict[str, str]:
@@ -79,8 +78,8 @@ async def test_metrics_print_big_numbers_exactly(app_client: Any, data_dir: Path
     client = await app_client()
     await put(client, "a.txt", b"1")
     await client.close()
-    with sqlite3.connect(data_dir / ".syncd" / "syncd.db") as db:
-        db.execute("UPDATE sqlite_sequence SET seq = 16777216 WHERE name = 'changes'")
+    db_query(data_dir, "INSERT INTO changes (seq, type, path, checksum, size, modified_time,"
+                       " client_id, time) VALUES (16777216, 'delete', 'gone', '', 0, 0, 'x', 0)")
     client = await app_client()
     assert (await (await put(client, "b.txt", b"2")).json())["revision"] == 16_777_217
     text = await (await client.get("/metrics")).text()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import syncd
-from conftest import error_of, put, sha, tmp_files
+from conftest import db_query, error_of, put, sha, tmp_files
 
 
 async def move(client: Any, source: str, target: str, **extra: Any) -> Any:
@@ -148,8 +147,7 @@ async def test_something_unknown_in_the_way_on_disk_refuses_the_move(
     body = await error_of(await move(client, "a.txt", "stray"), 409)
     assert "on disk" in body["message"]
     assert await listing(client) == {"a.txt": sha(b"a")}
-    db = sqlite3.connect(data_dir / ".syncd" / "syncd.db")
-    assert db.execute("SELECT COUNT(*) FROM moves").fetchone() == (0,)
+    assert db_query(data_dir, "SELECT COUNT(*) FROM moves") == [(0,)]
 
 
 async def test_a_failed_commit_puts_the_folder_back(
@@ -157,13 +155,12 @@ async def test_a_failed_commit_puts_the_folder_back(
     await put(client, "dir/a", b"a")
 
     async def failing(*args: Any) -> None:
-        raise syncd.sqlite3.OperationalError("disk I/O error")
-    monkeypatch.setattr(syncd.SQLiteTransaction, "move_versions", failing)
+        raise RuntimeError("a bug between the rename and the commit")
+    monkeypatch.setattr(syncd.SQLTransaction, "move_versions", failing)
     assert (await move(client, "dir", "moved")).status == 500
     monkeypatch.undo()
     assert on_disk(data_dir) == {"dir/a": b"a"} and await listing(client) == {"dir/a": sha(b"a")}
-    db = sqlite3.connect(data_dir / ".syncd" / "syncd.db")
-    assert db.execute("SELECT COUNT(*) FROM moves").fetchone() == (0,)
+    assert db_query(data_dir, "SELECT COUNT(*) FROM moves") == [(0,)]
     assert (await move(client, "dir", "moved")).status == 200
 
 
@@ -175,11 +172,8 @@ async def test_start_up_finishes_a_move_cut_short_or_forgets_it(
     for index in range(10):
         await put(client, f"big/{index}", b"%d" % index)
     await client.close()
-    db = sqlite3.connect(data_dir / ".syncd" / "syncd.db")
-    with db:
-        db.execute("INSERT INTO moves (source, target, client_id, time) VALUES"
-                   " ('big', 'new/place', 'laptop', 0)")
-    db.close()
+    db_query(data_dir, "INSERT INTO moves (source, target, client_id, time) VALUES"
+                       " ('big', 'new/place', 'laptop', 0)")
     if renamed:
         (data_dir / "new").mkdir()
         (data_dir / "big").rename(data_dir / "new" / "place")
@@ -190,8 +184,7 @@ async def test_start_up_finishes_a_move_cut_short_or_forgets_it(
         changes = (await (await client.get("/changes", params={"since": "10"})).json())["changes"]
         assert [(c["type"], c["path"]) for c in changes[:2]] == [
             ("upsert", "new/place/0"), ("delete", "big/0")]
-    db = sqlite3.connect(data_dir / ".syncd" / "syncd.db")
-    assert db.execute("SELECT COUNT(*) FROM moves").fetchone() == (0,)
+    assert db_query(data_dir, "SELECT COUNT(*) FROM moves") == [(0,)]
 
 
 async def test_a_move_that_cannot_be_undone_is_finished_at_the_next_start(
@@ -206,9 +199,9 @@ async def test_a_move_that_cannot_be_undone_is_finished_at_the_next_start(
         real_rename(self, source, target)
 
     async def failing(*args: Any) -> None:
-        raise syncd.sqlite3.OperationalError("disk I/O error")
+        raise RuntimeError("a bug between the rename and the commit")
     monkeypatch.setattr(syncd.FileStore, "rename", rename_once)
-    monkeypatch.setattr(syncd.SQLiteTransaction, "move_versions", failing)
+    monkeypatch.setattr(syncd.SQLTransaction, "move_versions", failing)
     assert (await move(client, "dir", "moved")).status == 500
     monkeypatch.undo()
     await client.close()

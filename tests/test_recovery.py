@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import syncd
-from conftest import ROOT, free_port, make_config, put, recovered, sha, tmp_files
+from conftest import ROOT, free_port, make_config, put, recovered, sha, sqlite_only, tmp_files
 
 
 async def restart(app_client: Any, current: Any, **overrides: Any) -> Any:
@@ -161,6 +161,7 @@ async def test_leftover_backup_and_parked_files_are_removed(app_client: Any, dat
     assert tmp_files(data_dir) == []
 
 
+@sqlite_only
 async def test_database_of_an_older_syncd_is_migrated(app_client: Any, data_dir: Path) -> None:
     (data_dir / ".syncd").mkdir(parents=True)
     old_schema = syncd.SCHEMA.replace(",\n    mtime_ns      INTEGER NOT NULL DEFAULT -1", "")

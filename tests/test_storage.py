@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 
 import syncd
-from conftest import error_of, put, sha, sqlite_error, tmp_files, upload
+from conftest import ON_POSTGRES, db_query, error_of, put, sha, sqlite_error, sqlite_only, tmp_files, upload
 
 
 def db_rows(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(data_dir / ".syncd" / "syncd.db") as db:
-        return db.execute(sql).fetchall()
+    return db_query(data_dir, sql)
 
 
 async def test_upload_is_durable_in_the_database(client: Any, data_dir: Path) -> None:
@@ -25,7 +24,8 @@ async def test_upload_is_durable_in_the_database(client: Any, data_dir: Path) ->
     assert db_rows(data_dir, "SELECT path, checksum, size, deleted FROM files") == [
         ("a.txt", sha(b"hello"), 5, 0)]
     assert db_rows(data_dir, "SELECT seq, type, path FROM changes") == [(1, "upsert", "a.txt")]
-    assert db_rows(data_dir, "PRAGMA journal_mode") == [("wal",)]
+    if not ON_POSTGRES:
+        assert db_rows(data_dir, "PRAGMA journal_mode") == [("wal",)]
 
 
 async def test_epoch_survives_a_restart(app_client: Any) -> None:
@@ -52,13 +52,14 @@ def failing(exc: OSError) -> Any:
     return fail
 
 
+@sqlite_only
 async def test_failed_commit_puts_the_old_file_back(client: Any, data_dir: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     await put(client, "a.txt", b"old")
 
     async def broken_upsert(self: Any, *args: Any) -> Any:
         raise sqlite_error(sqlite3.SQLITE_IOERR, "disk I/O error")
-    monkeypatch.setattr(syncd.SQLiteTransaction, "record_upsert", broken_upsert)
+    monkeypatch.setattr(syncd.SQLTransaction, "record_upsert", broken_upsert)
     async with client.ws_connect("/ws/desk") as ws:
         await ws.receive_json(timeout=5)
         body = await error_of(await put(client, "a.txt", b"new"), 503)
@@ -71,30 +72,32 @@ async def test_failed_commit_puts_the_old_file_back(client: Any, data_dir: Path,
     assert tmp_files(data_dir) == []
 
 
+@sqlite_only
 async def test_failed_commit_of_a_new_file_removes_it(client: Any, data_dir: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     async def broken_upsert(self: Any, *args: Any) -> Any:
         raise sqlite_error(sqlite3.SQLITE_BUSY, "database is locked")
-    monkeypatch.setattr(syncd.SQLiteTransaction, "record_upsert", broken_upsert)
+    monkeypatch.setattr(syncd.SQLTransaction, "record_upsert", broken_upsert)
     assert (await error_of(await put(client, "new/a.txt", b"x"), 503))["error"] == "storage_unavailable"
     assert not (data_dir / "new" / "a.txt").exists()
     assert tmp_files(data_dir) == []
 
 
+@sqlite_only
 async def test_failed_delete_commit_puts_the_file_back(client: Any, data_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     await put(client, "d/a", b"1")
     await put(client, "d/b", b"2")
     calls = []
 
-    original = syncd.SQLiteTransaction.record_delete
+    original = syncd.SQLTransaction.record_delete
 
     async def second_fails(self: Any, live: Any, client_id: str) -> Any:
         calls.append(live.path)
         if len(calls) == 2:
             raise sqlite_error(sqlite3.SQLITE_IOERR, "disk I/O error")
         return await original(self, live, client_id)
-    monkeypatch.setattr(syncd.SQLiteTransaction, "record_delete", second_fails)
+    monkeypatch.setattr(syncd.SQLTransaction, "record_delete", second_fails)
     await error_of(await client.delete("/files/d", params={"client_id": "x"}), 503)
     assert (data_dir / "d" / "a").read_bytes() == b"1"
     assert (data_dir / "d" / "b").read_bytes() == b"2"
@@ -160,12 +163,13 @@ async def test_files_are_plain_files_an_admin_can_read(client: Any, data_dir: Pa
     assert oct(os.stat(data_dir / "photos" / "2024" / "cat.jpg").st_mode & 0o004) != "0o0"
 
 
+@sqlite_only
 async def test_write_order_is_fsync_new_folders_rename_fsync_folder_then_commit(
         client: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import stat as stat_module
     events: list[str] = []
     real_fsync, real_rename = os.fsync, os.rename
-    real_upsert = syncd.SQLiteTransaction.record_upsert
+    real_upsert = syncd.SQLTransaction.record_upsert
 
     def fsync(fd: int) -> None:
         kind = "folder" if stat_module.S_ISDIR(os.fstat(fd).st_mode) else "file"
@@ -177,18 +181,18 @@ async def test_write_order_is_fsync_new_folders_rename_fsync_folder_then_commit(
         real_rename(*args, **kwargs)
 
     async def upsert(self: Any, *args: Any) -> Any:
-        real_execute = self.db.execute
+        real_execute = self.sql.db.execute
 
         async def execute(sql: str, *rest: Any) -> Any:   # the COMMIT statement itself
             if sql == "COMMIT":
                 events.append("commit")
-                self.db.execute = real_execute
+                self.sql.db.execute = real_execute
             return await real_execute(sql, *rest)
-        self.db.execute = execute
+        self.sql.db.execute = execute
         return await real_upsert(self, *args)
     monkeypatch.setattr(syncd.os, "fsync", fsync)
     monkeypatch.setattr(syncd.os, "rename", rename)
-    monkeypatch.setattr(syncd.SQLiteTransaction, "record_upsert", upsert)
+    monkeypatch.setattr(syncd.SQLTransaction, "record_upsert", upsert)
     assert (await put(client, "new/folder/a.txt", b"x")).status == 201
     # new/ and new/folder/ are fsynced as they are made (their entries must be
     # durable before the file is), the file's own folder after the rename

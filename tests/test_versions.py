@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 import syncd
-from conftest import error_of, put, sha, tmp_files, upload
+from conftest import db_query, error_of, put, sha, tmp_files, upload
 
 
 def blob(data_dir: Path, data: bytes) -> Path:
@@ -27,8 +26,7 @@ def blobs(data_dir: Path) -> list[str]:
 
 
 def rows(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(data_dir / ".syncd" / "syncd.db") as db:
-        return db.execute(sql).fetchall()
+    return db_query(data_dir, sql)
 
 
 async def versions(client: Any, path: str) -> dict[str, Any]:
@@ -337,10 +335,9 @@ def age(data_dir: Path, path: str, times: list[float]) -> None:
     """Set when the versions of path were made, newest first."""
     revisions = [row[0] for row in rows(data_dir, "SELECT revision FROM versions WHERE path = "
                                         f"'{path}' ORDER BY revision DESC")]
-    with sqlite3.connect(data_dir / ".syncd" / "syncd.db") as db:
-        for revision, moment in zip(revisions, times, strict=True):
-            db.execute("UPDATE versions SET time = ? WHERE path = ? AND revision = ?",
-                       (moment, path, revision))
+    for revision, moment in zip(revisions, times, strict=True):
+        db_query(data_dir, "UPDATE versions SET time = ? WHERE path = ? AND revision = ?",
+                 (moment, path, revision))
 
 
 async def test_thinning_keeps_one_per_hour_then_one_per_day(client: Any, data_dir: Path) -> None:

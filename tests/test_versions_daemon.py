@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
-from conftest import ROOT, Clients, Daemon, kill_mid_put, sha, tmpfs_daemon, tree, write
+from conftest import Clients, Daemon, ROOT, db_query, kill_mid_put, sha, tmpfs_daemon, tree, write
 from conftest import http_request as request
 
 
@@ -29,9 +28,8 @@ def blob_store_agrees(server: Daemon) -> None:
     """Every blob on disk is one the database refers to, and the other way round."""
     on_disk = {name for folder in (server.data / ".syncd" / "blobs").iterdir()
                for name in os.listdir(folder)}
-    with sqlite3.connect(server.data / ".syncd" / "syncd.db") as db:
-        known = {row[0] for row in db.execute("SELECT checksum FROM blobs")}
-        used = {row[0] for row in db.execute("SELECT DISTINCT checksum FROM versions")}
+    known = {row[0] for row in db_query(server.data, "SELECT checksum FROM blobs")}
+    used = {row[0] for row in db_query(server.data, "SELECT DISTINCT checksum FROM versions")}
     assert on_disk == known == used
 
 

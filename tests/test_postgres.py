@@ -1,0 +1,103 @@
+"""The metadata in PostgreSQL (database_url), with a real server started by the tests: state
+across restarts, one node per database until the cluster mode lands, a database that goes
+away and comes back, and what a bad setting says. (SYNCD_TEST_DATABASE=postgres runs the
+rest of the suite on PostgreSQL too.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import syncd
+from conftest import ROOT, Postgres, error_of, free_port, put, sha
+
+
+@pytest.fixture
+def own_postgres() -> Any:
+    """A PostgreSQL server of this test's own (it is stopped and started)."""
+    server = Postgres()
+    yield server
+    server.close()
+
+
+async def test_everything_is_kept_across_a_restart(app_client: Any, postgres: Postgres,
+                                                   data_dir: Path) -> None:
+    url = postgres.new_database()
+    client = await app_client(database_url=url)
+    await put(client, "docs/a.txt", b"one")
+    await put(client, "docs/a.txt", b"two")
+    await client.delete("/files/docs/a.txt", params={"client_id": "laptop"})
+    await put(client, "b.txt", b"bee")
+    health = await (await client.get("/health")).json()
+    await client.close()
+    assert not (data_dir / ".syncd" / "syncd.db").exists()          # no SQLite at all
+    client = await app_client(database_url=url)
+    again = await (await client.get("/health")).json()
+    assert (again["epoch"], again["cursor"], again["files"]) == (
+        health["epoch"], health["cursor"], 1)
+    trash = await (await client.get("/trash")).json()
+    assert [entry["path"] for entry in trash["files"]] == ["docs/a.txt"]
+    versions = await (await client.get("/versions/docs/a.txt")).json()
+    assert [version["checksum"] for version in versions["versions"]] == [sha(b"two"), sha(b"one")]
+    changes = await (await client.get("/changes", params={"since": "0"})).json()
+    assert [change["seq"] for change in changes["changes"]] == [1, 2, 3, 4]
+
+
+def test_a_second_node_on_one_database_is_refused(daemon: Any, postgres: Postgres,
+                                                   tmp_path: Path) -> None:
+    url = postgres.new_database()
+    first = daemon("--database-url", url)
+    second = subprocess.run(
+        [sys.executable, str(ROOT / "syncd.py"), "--port", str(free_port()),
+         "--sync-directory", str(tmp_path / "other"), "--database-url", url],
+        capture_output=True, text=True, timeout=60)
+    assert second.returncode == syncd.EXIT_STORAGE
+    assert "another syncd node serves this database" in second.stderr
+    assert first.process.poll() is None
+
+
+async def test_a_database_that_goes_away_is_503_and_comes_back(
+        app_client: Any, own_postgres: Postgres) -> None:
+    client = await app_client(database_url=own_postgres.new_database())
+    await put(client, "a.txt", b"before")
+    own_postgres.stop()
+    refused = await put(client, "b.txt", b"while away")
+    assert (await error_of(refused, 503))["error"] == "storage_unavailable"
+    health = await client.get("/health")
+    assert health.status == 503 and (await health.json())["status"] == "error"
+    assert await (await client.get("/download/a.txt")).read() == b"before"   # from the index
+    own_postgres.start()
+    statuses = []
+    for _ in range(5):                          # the pool replaces its dead connections
+        statuses.append((await put(client, "b.txt", b"after")).status)
+        if statuses[-1] == 201:
+            break
+    assert statuses[-1] == 201, statuses
+    assert (await client.get("/health")).status == 200
+    assert await (await client.get("/download/b.txt")).read() == b"after"
+
+
+@pytest.mark.parametrize("state, refusal", [
+    ("53100", syncd.StorageFull), ("08006", syncd.StorageFailing),
+    ("57P01", syncd.StorageFailing), ("25006", syncd.StorageFailing), ("23505", None)])
+def test_postgresql_errors_of_the_server_are_the_contracts(state: str, refusal: Any) -> None:
+    class Failure(Exception):
+        sqlstate = state
+    answer = syncd.postgres_failure(Failure())
+    assert (answer is None) if refusal is None else isinstance(answer, refusal)
+    assert isinstance(syncd.postgres_failure(ConnectionRefusedError()), syncd.StorageFailing)
+
+
+def test_database_url_is_checked_and_its_password_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(syncd.ConfigError, match="database_url: expected a URL"):
+        syncd.load_config(None, {}, {"database_url": "mysql://x"})
+    config = syncd.load_config(None, {}, {"database_url": "postgresql://syncd:pw@db/syncd"})
+    assert "postgresql://syncd:********@db/syncd" in syncd.describe_config(config)
+    assert "pw@" not in syncd.describe_config(config)
+    monkeypatch.setattr(syncd.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(syncd.ConfigError, match="needs asyncpg"):
+        syncd.load_config(None, {}, {"database_url": "postgresql://syncd@db/syncd"})
