@@ -2280,6 +2280,7 @@ CREATE TABLE IF NOT EXISTS devices (
 """
 PG_SCHEMA_LOCK = 0x73796E01     # advisory lock keys: creating the schema;
 PG_NODE_LOCK = 0x73796E02       # held by the one node a database serves (see PostgresStore)
+PG_COMMAND_TIMEOUT = 60.0       # seconds one statement may take before it fails
 # SQLSTATE classes and codes that mean the database, not the query, is at fault.
 PG_FULL_STATES = frozenset({"53100"})                          # disk_full
 PG_FAILING_PREFIXES = ("08", "53", "57", "58", "25006")        # connection, resources,
@@ -2356,8 +2357,11 @@ class PostgresStore(SQLStore):
             if not await self._node.fetchval("SELECT pg_try_advisory_lock($1)", PG_NODE_LOCK):
                 raise StorageUnusable("another syncd node serves this database (several "
                                       "nodes on one database are not supported yet)")
+            # timeouts: a database host that stops answering must make requests fail
+            # (503), not wait for ever
             self._pool = await self.asyncpg.create_pool(
-                self.url, min_size=1, max_size=self.pool_size, timeout=10)
+                self.url, min_size=1, max_size=self.pool_size, timeout=10,
+                command_timeout=PG_COMMAND_TIMEOUT)
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_SCHEMA_LOCK)
                 await conn.execute(PG_SCHEMA)
