@@ -207,6 +207,8 @@ class Config:
                                        "inline SQLite, e.g. postgresql://syncd@db/syncd "
                                        "(prefer the password in ~/.pgpass or PGPASSWORD)")
     database_pool_size: int = setting(10, "PostgreSQL connections a node keeps at most")
+    node_name: str | None = setting(None, "this node's name in /health (default: the host "
+                                    "name)")
 
 
 # Settings a SIGHUP cannot change: they need a restart.
@@ -389,6 +391,13 @@ def parse_addresses(value: Any) -> tuple[str, ...]:
     return tuple(addresses)
 
 
+def parse_node_name(value: Any) -> str:
+    """A node's name: what a client id may be (letters, digits, . _ -)."""
+    if isinstance(value, str) and CLIENT_ID_RE.fullmatch(value.strip()):
+        return value.strip()
+    raise ValueError("expected a name like node-1 (letters, digits, '.', '_', '-')")
+
+
 def parse_database_url(value: Any) -> str:
     """A postgresql:// (or postgres://) URL."""
     if isinstance(value, str) and re.match(r"postgres(ql)?://", value.strip()):
@@ -442,6 +451,7 @@ SETTING_PARSERS: dict[str, Callable[[Any], Any]] = {
     "tls_key_file": parse_text,
     "database_url": parse_database_url,
     "database_pool_size": parse_positive_whole,
+    "node_name": parse_node_name,
 }
 assert set(SETTING_PARSERS) == {f.name for f in fields(Config)}
 
@@ -5561,6 +5571,7 @@ async def handle_health(request: web.Request) -> web.Response:
         "cursor": tree.store.cursor,
         "epoch": tree.store.epoch,
         "bytes": tree.store.live_bytes,
+        "node": state.config.node_name or socket.gethostname(),
     }
     try:
         await tree.store.check()

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import json
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,14 @@ async def test_health_reports_figures(client: Any) -> None:
     assert (body["files"], body["cursor"], body["clients_connected"]) == (1, 1, 0)
     assert body["timestamp"].endswith("Z") and len(body["epoch"]) == 32
     assert body["uptime_s"] >= 0
+    assert body["bytes"] == 1 and body["node"] == socket.gethostname()
+
+
+async def test_health_names_the_node(app_client: Any) -> None:
+    client = await app_client(node_name="node-2")
+    assert (await (await client.get("/health")).json())["node"] == "node-2"
+    with pytest.raises(syncd.ConfigError, match="node_name"):
+        syncd.load_config(None, {"SYNCD_NODE_NAME": "two words"}, {})
 
 
 async def test_health_is_503_when_sync_directory_is_gone(client: Any, data_dir: Path) -> None:
