@@ -5079,13 +5079,10 @@ class Devices:
         self.by_hash = {device.token_hash: device for device in self.by_name.values()}
 
     def find(self, token: str) -> Device | None:
-        """The device a token belongs to, revoked or not. Looked up by its hash: the time a
-        lookup takes can tell only about the hash, which does not lead back to a token."""
-        digest = token_hash(token)
-        device = self.by_hash.get(digest)
-        if device is None or not hmac.compare_digest(device.token_hash, digest):
-            return None
-        return device
+        """The device a token belongs to, revoked or not. Looked up by its hash, never
+        compared as itself: the time a lookup takes can tell only about the hash, which
+        does not lead back to a token (so this is the constant-time comparison)."""
+        return self.by_hash.get(token_hash(token))
 
     async def add(self, name: str, scope: str) -> tuple[Device, str]:
         """Enrol a device (again, if it was revoked): the device and its new token, which
@@ -5139,6 +5136,15 @@ AUTH_FAILURE_BURST = 10        # failed authentications an address may make at o
 AUTH_ADDRESSES_KEPT = 10_000   # addresses tracked at most (the oldest are forgotten)
 
 
+@dataclass
+class LoginBucket:
+    """One address's allowance of failed authentications."""
+
+    allowance: float
+    when: float
+    warned: bool = False
+
+
 class FailedLogins:
     """Failed authentications per source address, as a token bucket each: a few per
     second, then 429 with Retry-After, so that a token cannot be guessed online. A
@@ -5147,37 +5153,38 @@ class FailedLogins:
     def __init__(self, rate: float = AUTH_FAILURE_RATE, burst: int = AUTH_FAILURE_BURST,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.rate, self.burst, self.clock = rate, burst, clock
-        self.buckets: dict[str, list[float]] = {}     # address -> [allowance, when, warned]
+        self.buckets: dict[str, LoginBucket] = {}
 
-    def _allowance(self, address: str) -> list[float] | None:
+    def _bucket(self, address: str) -> LoginBucket | None:
+        """The address's bucket, refilled up to now; None (and forgotten) once full."""
         bucket = self.buckets.get(address)
         if bucket is None:
             return None
         now = self.clock()
-        bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if bucket[0] >= self.burst:                 # recovered: forget it
+        bucket.allowance = min(self.burst, bucket.allowance + (now - bucket.when) * self.rate)
+        bucket.when = now
+        if bucket.allowance >= self.burst:          # recovered: forget it
             del self.buckets[address]
             return None
         return bucket
 
     def retry_after(self, address: str) -> int | None:
         """Seconds until the address may try again, or None when it may now."""
-        bucket = self._allowance(address)
-        if bucket is None or bucket[0] >= 1:
+        bucket = self._bucket(address)
+        if bucket is None or bucket.allowance >= 1:
             return None
-        return max(1, math.ceil((1 - bucket[0]) / self.rate))
+        return max(1, math.ceil((1 - bucket.allowance) / self.rate))
 
     def failed(self, address: str) -> None:
         """Count a failed authentication from address."""
-        bucket = self._allowance(address)
+        bucket = self._bucket(address)
         if bucket is None:
             if len(self.buckets) >= AUTH_ADDRESSES_KEPT:
                 del self.buckets[next(iter(self.buckets))]
-            bucket = self.buckets[address] = [float(self.burst), self.clock(), 0.0]
-        bucket[0] -= 1
-        if bucket[0] < 1 and not bucket[2]:
-            bucket[2] = 1.0
+            bucket = self.buckets[address] = LoginBucket(float(self.burst), self.clock())
+        bucket.allowance -= 1
+        if bucket.allowance < 1 and not bucket.warned:
+            bucket.warned = True
             log.warning("authentication failed %d times in a row from %s: refusing it for a "
                         "while (429)", self.burst, address)
 

@@ -202,14 +202,19 @@ async def test_against_a_server_without_bulk_the_client_uploads_one_by_one(
     assert "bulk-refused status=404" in caplog.text
 
 
+@pytest.mark.parametrize("status, error, logged", [
+    (404, "not_found", "tus-unavailable status=404"),            # an older server
+    (429, "too_many_uploads", "tus-refused path=big"),           # too many open there
+])
 async def test_against_a_server_without_tus_the_client_uploads_in_one_request(
-        aiohttp_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        aiohttp_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        status: int, error: str, logged: str) -> None:
     app = syncd.make_app(make_config(tmp_path))
 
     @web.middleware
     async def no_tus(request: web.Request, handler: Any) -> Any:
         if request.path.startswith("/uploads/"):
-            return web.json_response({"error": "not_found", "message": "no"}, status=404)
+            return web.json_response({"error": error, "message": "no"}, status=status)
         return await handler(request)
     app.middlewares.append(no_tus)
     server = await aiohttp_server(app)
@@ -222,7 +227,33 @@ async def test_against_a_server_without_tus_the_client_uploads_in_one_request(
     assert await asyncio.wait_for(syncd.run_client(args, None), timeout=30) == 0
     assert (tmp_path / "data" / "big.bin").read_bytes() == data
     assert (tmp_path / "data" / "big2.bin").read_bytes() == data[::-1]
-    assert "tus-unavailable status=404" in caplog.text
+    assert logged in caplog.text
+
+
+async def test_a_resumable_upload_refused_at_creation_is_a_failure(
+        aiohttp_server: Any, tmp_path: Path) -> None:
+    server = await aiohttp_server(syncd.make_app(make_config(tmp_path,
+                                                             allowed_extensions=(".txt",))))
+    folder = tmp_path / "mine"
+    write(folder, "big.bin", os.urandom(9 * 1024 * 1024))
+    args = client_args(str(folder), server, "old", "--once")
+    assert await asyncio.wait_for(syncd.run_client(args, None), timeout=30) == \
+        syncd.EXIT_CLIENT_FAILED
+    assert not (tmp_path / "data" / "big.bin").exists()
+    assert os.listdir(tmp_path / "data" / ".syncd" / "uploads") == []
+
+
+def test_an_upload_url_on_another_server_is_refused(tmp_path: Path) -> None:
+    state = syncd.ClientState(tmp_path)
+    try:
+        client = syncd.SyncClient(tmp_path, "http://127.0.0.1:8000", "a", "key", state)
+        assert str(client.same_server("/uploads/1")) == "http://127.0.0.1:8000/uploads/1"
+        for elsewhere in ("http://evil.example/uploads/1", "https://127.0.0.1:8000/uploads/1",
+                          "//evil.example/uploads/1"):
+            with pytest.raises(syncd.ClientError, match="another server"):
+                client.same_server(elsewhere)
+    finally:
+        state.close()
 
 
 async def test_a_bug_in_the_watcher_stops_the_live_client(

@@ -131,3 +131,24 @@ def test_a_reload_with_a_bad_key_keeps_the_old_certificate(daemon: Any, pki: PKI
     assert "tls_key_file" in server.log()
     assert served_certificate(server.port) == pem_to_der(cert)
     assert server.process.poll() is None
+
+
+def test_a_certificate_that_is_not_pem_stops_start_up(tmp_path: Path, pki: PKI) -> None:
+    _, key = pki.server("one")
+    garbage = tmp_path / "cert.pem"
+    garbage.write_text("not a certificate\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "syncd.py"), "--port", str(free_port()),
+         "--sync-directory", str(tmp_path / "data"), "--tls-cert-file", str(garbage),
+         "--tls-key-file", str(key)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("syncd: tls_cert_file: cannot load")
+
+
+def test_a_ca_file_that_cannot_be_read_is_exit_2(tmp_path: Path) -> None:
+    for command in (["client", str(tmp_path / "A"), "--server", "https://127.0.0.1:1"],
+                    ["devices", "list", "--server", "https://127.0.0.1:1"]):
+        result = subprocess.run([sys.executable, str(ROOT / "syncd.py"), *command,
+                                 "--ca-file", str(tmp_path / "missing.pem")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "No such file" in result.stderr
