@@ -68,6 +68,7 @@ import time
 import tomllib
 import unicodedata
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -207,13 +208,15 @@ class Config:
                                        "inline SQLite, e.g. postgresql://syncd@db/syncd "
                                        "(prefer the password in ~/.pgpass or PGPASSWORD)")
     database_pool_size: int = setting(10, "PostgreSQL connections a node keeps at most")
-    node_name: str | None = setting(None, "this node's name in /health (default: the host "
+    node_name: str | None = setting(None, "this node's name in /health and, with several "
+                                    "nodes, among them: unique to each (default: the host "
                                     "name)")
 
 
 # Settings a SIGHUP cannot change: they need a restart.
 RESTART_SETTINGS = ("host", "port", "sync_directory", "shutdown_timeout", "header_timeout",
-                    "max_connections", "uvloop", "database_url", "database_pool_size")
+                    "max_connections", "uvloop", "database_url", "database_pool_size",
+                    "node_name")
 SECRET_SETTINGS = ("api_key",)
 
 
@@ -396,6 +399,11 @@ def parse_node_name(value: Any) -> str:
     if isinstance(value, str) and CLIENT_ID_RE.fullmatch(value.strip()):
         return value.strip()
     raise ValueError("expected a name like node-1 (letters, digits, '.', '_', '-')")
+
+
+def node_name(config: Config) -> str:
+    """The node's name: node_name, or the host's name."""
+    return config.node_name or socket.gethostname()
 
 
 def parse_database_url(value: Any) -> str:
@@ -1340,6 +1348,16 @@ def check_writable(index: LiveIndex | PendingIndex, path: str, allow_case_clash:
             raise CaseConflict(own, clashes[0])
 
 
+def live_change(before: FileRecord | None, after: FileRecord | None) -> tuple[int, int]:
+    """What a path's change from before to after adds to the live files and bytes."""
+    files = size = 0
+    for record, sign in ((before, -1), (after, 1)):
+        if record is not None and not record.deleted:
+            files += sign
+            size += sign * record.size
+    return files, size
+
+
 class Transaction(abc.ABC):
     """One atomic change of the metadata, as the tree sees it.
 
@@ -1426,10 +1444,9 @@ class Transaction(abc.ABC):
     def _changed(self, before: FileRecord | None, after: FileRecord) -> None:
         """Note a change of one path's record: the pending index and the live totals."""
         self.pending.put(after)
-        for record, sign in ((before, -1), (after, 1)):
-            if record is not None and not record.deleted:
-                self.live_files += sign
-                self.live_bytes += sign * record.size
+        files, size = live_change(before, after)
+        self.live_files += files
+        self.live_bytes += size
 
 
 class MetadataStore(abc.ABC):
@@ -1451,6 +1468,10 @@ class MetadataStore(abc.ABC):
         self.version_count = 0     # version rows
         self.blob_bytes = 0        # bytes of the blobs they refer to (each content once)
         self.index = LiveIndex()   # every file record, as committed
+        # What this node hears of the other nodes' work (a cluster; one node hears nothing):
+        # their journal entries, in seq order, once in the index; and their messages.
+        self.on_change: Callable[[Change], None] = lambda change: None
+        self.on_message: Callable[[dict[str, Any]], None] = lambda message: None
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -1461,8 +1482,43 @@ class MetadataStore(abc.ABC):
         """Close every connection (an open one may keep the process from exiting)."""
 
     @abc.abstractmethod
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
-        """One write transaction at a time; rolled back, with its undo hooks run, on any failure."""
+    def transaction(self, journal: bool = True) -> contextlib.AbstractAsyncContextManager[Transaction]:
+        """One write transaction at a time; rolled back, with its undo hooks run, on any failure.
+
+        journal=False: a write that neither journals nor looks at the files (clients,
+        devices, resumable uploads), which a cluster need not serialize with the others."""
+
+    # -- what a cluster needs; one node on its own has nobody to hold off or tell ------
+
+    def exclusive(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold every node's writes off, and bring the index up to date, for work that spans
+        several transactions and renames in the tree between them (a move, start-up
+        recovery). The tree's write lock does that alone on one node."""
+        return contextlib.nullcontext()
+
+    def behind(self) -> bool:
+        """Whether another node committed a change this node has heard of but has not yet
+        read into its index (a client told of it by that node may ask this one next)."""
+        return False
+
+    async def catch_up(self) -> bool:
+        """Read what other nodes committed into the index, now; whether there was any."""
+        return False
+
+    async def broadcast(self, message: dict[str, Any]) -> None:
+        """Hand message to the other nodes' on_message."""
+
+    async def note_connection(self, client_id: str, connected: bool) -> None:
+        """Note that a client's WebSocket is now open (or closed) on this node."""
+
+    async def connected_elsewhere(self) -> set[str]:
+        """The clients with a WebSocket open on another node."""
+        return set()
+
+    def claim_upload(self, upload_id: str) -> contextlib.AbstractAsyncContextManager[bool]:
+        """Whether this node may write to a resumable upload now (no other node is), for
+        the duration of the context."""
+        return contextlib.nullcontext(True)
 
     def _committed(self, tx: Transaction) -> None:
         """Bring the cursor, the totals and the index up to a transaction just committed
@@ -1577,6 +1633,10 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def blob_checksums(self) -> set[str]:
         """The checksum of every blob the versions refer to."""
+
+    @abc.abstractmethod
+    async def blobs_among(self, checksums: Sequence[str]) -> set[str]:
+        """Those of these checksums whose blob some version refers to."""
 
     @abc.abstractmethod
     async def thinning_candidates(self, after: str, paths: int) -> list[tuple[Version, bool]]:
@@ -1776,6 +1836,7 @@ class SQLTransaction(Transaction):
         self._next_seq = cursor + 1
         self._journal: list[tuple[Any, ...]] = []     # rows of CHANGE_COLUMNS
         self._files: list[tuple[Any, ...]] = []       # rows of FILES_ROW, in order
+        self.last_entry: tuple[int, str, float] | None = None    # seq, path, time
 
     def _journalled(self, kind: str, path: str, checksum: str, size: int,
                     modified_time: float, client_id: str, now: float) -> int:
@@ -1783,6 +1844,7 @@ class SQLTransaction(Transaction):
         seq = self.last_seq = self._next_seq
         self._next_seq += 1
         self._journal.append((seq, kind, path, checksum, size, modified_time, client_id, now))
+        self.last_entry = (seq, path, now)
         return seq
 
     def _record(self, before: FileRecord | None, record: FileRecord) -> None:
@@ -1927,8 +1989,8 @@ class SQLStore(MetadataStore):
         """Several reads that see one committed state."""
 
     async def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
-        """One statement in a transaction of its own."""
-        async with self.transaction() as tx:
+        """One statement in a transaction of its own (one that does not journal)."""
+        async with self.transaction(journal=False) as tx:
             assert isinstance(tx, SQLTransaction)
             await tx.sql.execute(sql, params)
 
@@ -1979,7 +2041,7 @@ class SQLStore(MetadataStore):
                               platform: str | None, version: str | None) -> bool:
         """Store or refresh a client; True when it is new."""
         now = time.time()
-        async with self.transaction() as tx:
+        async with self.transaction(journal=False) as tx:
             assert isinstance(tx, SQLTransaction)
             existing = await tx.sql.fetch("SELECT 1 FROM clients WHERE client_id = ?",
                                           (client_id,))
@@ -2019,7 +2081,7 @@ class SQLStore(MetadataStore):
 
     async def note_devices_seen(self, seen: Mapping[str, float]) -> None:
         """Record when devices were last seen."""
-        async with self.transaction() as tx:
+        async with self.transaction(journal=False) as tx:
             assert isinstance(tx, SQLTransaction)
             await tx.sql.executemany("UPDATE devices SET last_seen = ? WHERE name = ?",
                                      [(when, name) for name, when in seen.items()])
@@ -2073,6 +2135,16 @@ class SQLStore(MetadataStore):
         """Every blob the versions refer to."""
         return {row[0] for row in await self.read("SELECT checksum FROM blobs")}
 
+    async def blobs_among(self, checksums: Sequence[str]) -> set[str]:
+        """Those of these checksums whose blob some version refers to."""
+        kept: set[str] = set()
+        for start in range(0, len(checksums), 500):
+            batch = checksums[start:start + 500]
+            rows = await self.read("SELECT checksum FROM blobs WHERE checksum IN"
+                                   f" ({', '.join('?' * len(batch))})", batch)
+            kept.update(row[0] for row in rows)
+        return kept
+
     async def thinning_candidates(self, after: str, paths: int) -> list[tuple[Version, bool]]:
         """The versions of the next paths after `after`, newest first, and which are the kept
         content of their path's current deletion."""
@@ -2089,6 +2161,10 @@ class SQLStore(MetadataStore):
         self.epoch = (await db.fetch("SELECT value FROM meta WHERE key = 'epoch'"))[0][0]
         self.cursor = int((await db.fetch(self.CURSOR))[0][0])
         self._load(await db.fetch(f"SELECT {FILE_COLUMNS} FROM files"))
+        await self._load_totals(db)
+
+    async def _load_totals(self, db: SQLConnection) -> None:
+        """The number of versions and the bytes of their blobs."""
         rows = await db.fetch("SELECT (SELECT COUNT(*) FROM versions),"
                               " (SELECT COALESCE(SUM(size), 0) FROM blobs)")
         self.version_count, self.blob_bytes = int(rows[0][0]), int(rows[0][1])
@@ -2177,7 +2253,7 @@ class SQLiteStore(SQLStore):
                 await self.reader.execute("COMMIT")
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
+    async def transaction(self, journal: bool = True) -> AsyncIterator[Transaction]:
         """BEGIN IMMEDIATE ... COMMIT; on any failure ROLLBACK and run the undo hooks.
 
         After-commit hooks run under the lock, so that announcements leave in
@@ -2287,14 +2363,36 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen     DOUBLE PRECISION,
     revoked       INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS connections (   -- which node holds each client's WebSocket
+    client_id     TEXT PRIMARY KEY,
+    node          TEXT NOT NULL,
+    node_key      BIGINT NOT NULL,
+    since         DOUBLE PRECISION NOT NULL
+);
 """
-PG_SCHEMA_LOCK = 0x73796E01     # advisory lock keys: creating the schema;
-PG_NODE_LOCK = 0x73796E02       # held by the one node a database serves (see PostgresStore)
+# Advisory lock keys. One key: creating the schema; and every journalling write, taken at
+# its BEGIN, so that the nodes commit one at a time (journal order is commit order, and
+# one node at a time renames in the tree). Two keys (class, object): a node's name, held
+# for as long as the node runs; a resumable upload, while a node writes to it.
+PG_SCHEMA_LOCK = 0x73796E01
+PG_WRITE_LOCK = 0x73796E02
+PG_NODE_LOCKS = 0x73796E03
+PG_UPLOAD_LOCKS = 0x73796E04
+PG_CHANNEL = "syncd"            # NOTIFY: commits and messages, from node to node
+PG_WATCH_INTERVAL = 2.0         # seconds between two looks at the node's own connection
+PG_CATCH_UP_BATCH = 5000        # journal entries read at a time when catching up
+PG_LANDED_TRIES = 5             # asks whether a COMMIT whose answer was lost was made
 PG_COMMAND_TIMEOUT = 60.0       # seconds one statement may take before it fails
 # SQLSTATE classes and codes that mean the database, not the query, is at fault.
 PG_FULL_STATES = frozenset({"53100"})                          # disk_full
 PG_FAILING_PREFIXES = ("08", "53", "57", "58", "25006")        # connection, resources,
                                                                # shutdown, system, read-only
+
+
+def lock_key(name: str) -> int:
+    """The second key of a two-key advisory lock for a name (31 bits: both of PostgreSQL's
+    spellings of it, int4 and oid, read the same)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 @functools.lru_cache(maxsize=512)
@@ -2336,12 +2434,15 @@ def postgres_failure(exc: BaseException) -> Refused | None:
 
 
 class PostgresStore(SQLStore):
-    """The metadata in PostgreSQL (database_url), through a pool of asyncpg connections.
+    """The metadata in PostgreSQL (database_url), which every node of a cluster shares.
 
-    Writes go through transaction(), one at a time, as with SQLite; reads take a pooled
-    connection each. Until the cluster mode (several nodes on one database) is built, a
-    node holds an advisory lock for as long as it runs, and a second node is refused at
-    start-up rather than allowed to corrupt the journal.
+    Each node keeps its own index and cursor, a pool for its queries, and one connection
+    of its own, which holds the node's name, LISTENs and holds resumable uploads' locks.
+    Every journalling write takes PG_WRITE_LOCK at its BEGIN and, under it, first catches
+    the index up with what the other nodes committed: its checks see every commit, and
+    seqs are handed out in commit order. Each such commit NOTIFYs; the other nodes catch
+    up from the journal and hand the entries to on_change, in seq order. A node that
+    lost its own connection connects again and catches up from the journal.
     """
 
     LATEST_CHANGES = ("SELECT DISTINCT ON (path) seq, type, path, checksum, size,"
@@ -2349,24 +2450,26 @@ class PostgresStore(SQLStore):
                       " WHERE seq <= ? AND {condition} ORDER BY path, seq DESC")
     CURSOR = "SELECT COALESCE(MAX(seq), 0) FROM changes"
 
-    def __init__(self, url: str, pool_size: int) -> None:
+    def __init__(self, url: str, pool_size: int, node: str) -> None:
         super().__init__()
         import asyncpg  # type: ignore[import-untyped]   # only this backend needs it
         self.asyncpg = asyncpg
         self.errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
                        asyncio.TimeoutError)
-        self.url, self.pool_size = url, pool_size
-        self._lock = asyncio.Lock()
+        self.url, self.pool_size, self.node = url, pool_size, node
+        self._lock = asyncio.Lock()       # this node's journalling writes and catch-ups
         self._pool: Any = None
-        self._node: Any = None      # the connection that holds PG_NODE_LOCK
+        self._node: Any = None            # the node's own connection
+        self._node_lock = asyncio.Lock()  # asyncpg runs one query at a time on a connection
+        self._holder: asyncio.Task[Any] | None = None    # the task in exclusive(),
+        self._held: Any = None                           # and the connection it holds
+        self._wake = asyncio.Event()      # another node committed: catch up
+        self._last_heard = 0              # the last seq another node said it committed
+        self._tasks = Background()
 
     async def open(self) -> None:
-        """Connect, take the node lock, create the schema if needed, load the state."""
+        """Connect, create the schema if needed, take the node's name, load the state."""
         try:
-            self._node = await self.asyncpg.connect(self.url, timeout=10)
-            if not await self._node.fetchval("SELECT pg_try_advisory_lock($1)", PG_NODE_LOCK):
-                raise StorageUnusable("another syncd node serves this database (several "
-                                      "nodes on one database are not supported yet)")
             # timeouts: a database host that stops answering must make requests fail
             # (503), not wait for ever
             self._pool = await self.asyncpg.create_pool(
@@ -2377,14 +2480,18 @@ class PostgresStore(SQLStore):
                 await conn.execute(PG_SCHEMA)
                 await conn.execute("INSERT INTO meta (key, value) VALUES ('epoch', $1)"
                                    " ON CONFLICT DO NOTHING", secrets.token_hex(16))
+            await self._connect_node()      # LISTEN before loading: no commit falls between
             async with self.read_transaction() as db:
                 await self._load_state(db)
         except BaseException:
             await self.close()
             raise
+        self._tasks.spawn(self._follow())
+        self._tasks.spawn(self._watch())
 
     async def close(self) -> None:
-        """Close the pool and the node's connection (which lets the node lock go)."""
+        """Stop following, close the pool and the node's connection (its locks go with it)."""
+        await self._tasks.cancel()
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 10)
@@ -2392,6 +2499,138 @@ class PostgresStore(SQLStore):
             with contextlib.suppress(Exception):
                 await self._node.close(timeout=10)
         self._pool = self._node = None
+
+    # -- the node's own connection -------------------------------------------------
+
+    async def _connect_node(self) -> None:
+        """The node's connection: it takes the node's name (StorageUnusable when another
+        node runs with it), forgets this node's WebSockets of before, and LISTENs."""
+        conn = await self.asyncpg.connect(self.url, timeout=10,
+                                          command_timeout=PG_COMMAND_TIMEOUT)
+        try:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)",
+                                       PG_NODE_LOCKS, lock_key(self.node)):
+                raise StorageUnusable(f"another syncd node named {self.node} uses this "
+                                      "database: give each node its own node_name")
+            await conn.execute("DELETE FROM connections WHERE node = $1", self.node)
+            await conn.add_listener(PG_CHANNEL, self._heard)
+        except BaseException:
+            conn.terminate()
+            raise
+        self._node = conn
+
+    def _drop_node(self) -> None:
+        """Close the node's connection at once (what it held is let go)."""
+        conn, self._node = self._node, None
+        if conn is not None:
+            conn.terminate()
+
+    async def _on_node(self, sql: str, *args: Any) -> Any:
+        """One query on the node's connection; its first value."""
+        async with self._node_lock:
+            if self._node is None:
+                raise ConnectionError("the connection to the database is lost")
+            return await self._node.fetchval(sql, *args)
+
+    def _heard(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        """A NOTIFY: another node committed (catch up), or has a message for on_message."""
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(message, dict) or message.get("node") == self.node:
+            return
+        if message.get("kind") == "commit":
+            self.version_count += int(message.get("versions", 0))
+            self.blob_bytes += int(message.get("blob_bytes", 0))
+            self._last_heard = max(self._last_heard, int(message.get("seq", 0)))
+            self._wake.set()
+        else:
+            self.on_message(message)
+
+    def behind(self) -> bool:
+        """Whether a commit heard of is not in the index yet."""
+        return self._last_heard > self.cursor
+
+    async def catch_up(self) -> bool:
+        """Read the other nodes' commits into the index; whether there were any."""
+        async with self._lock, self.read_transaction() as db:
+            return bool(await self._catch_up(db))
+
+    async def _follow(self) -> None:
+        """Catch up each time another node committed (one catch-up at a time)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.catch_up()
+            except Exception as exc:
+                log.warning("could not catch up with the other nodes: %s (trying again)", exc)
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    async def _watch(self) -> None:
+        """Look at the node's connection every PG_WATCH_INTERVAL seconds; when it is lost
+        (the database restarted, the link broke), connect again and catch up."""
+        while True:
+            await asyncio.sleep(PG_WATCH_INTERVAL)
+            try:
+                await asyncio.wait_for(self._on_node("SELECT 1"), PG_WATCH_INTERVAL * 2)
+                continue
+            except Exception as exc:
+                log.warning("lost the node's connection to the database (%s): other nodes' "
+                            "changes reach this node once it is back", exc or type(exc).__name__)
+            self._drop_node()
+            while True:
+                try:
+                    await self._rejoin()
+                    break
+                except Exception as exc:
+                    self._drop_node()
+                    log.debug("database still unreachable: %s", exc)
+                    await asyncio.sleep(PG_WATCH_INTERVAL)
+            log.info("connected to the database again; caught up to seq %d", self.cursor)
+            self.on_message({"kind": "rejoined"})
+
+    async def _rejoin(self) -> None:
+        """Connect the node again; catch up with the journal and the totals."""
+        await self._connect_node()
+        async with self._lock, self.read_transaction() as db:
+            await self._catch_up(db)
+            await self._load_totals(db)
+
+
+    async def _catch_up(self, db: SQLConnection) -> int:
+        """Bring the index, the cursor and the totals up to what other nodes committed, and
+        hand their journal entries to on_change, in seq order (under self._lock); how many
+        entries that was."""
+        read = 0
+        while True:
+            rows = await db.fetch(f"SELECT {CHANGE_COLUMNS} FROM changes WHERE seq > ?"
+                                  " ORDER BY seq LIMIT ?", (self.cursor, PG_CATCH_UP_BATCH))
+            read += len(rows)
+            if not rows:
+                return read
+            changes = [Change(*row) for row in rows]
+            paths = sorted({change.path for change in changes})
+            found = await db.fetch(f"SELECT {FILE_COLUMNS} FROM files WHERE path = ANY(?)",
+                                   (paths,))
+            now = {row[0]: file_record(row) for row in found}
+            for path in paths:
+                before, after = self.index.get(path), now.get(path)
+                files, size = live_change(before, after)
+                self.live_files, self.live_bytes = self.live_files + files, self.live_bytes + size
+                if after is None:
+                    self.index.forget(path)
+                else:
+                    self.index.put(after._replace(client_id=sys.intern(after.client_id)))
+            self.cursor = changes[-1].seq
+            for change in changes:
+                self.on_change(change)
+            if len(rows) < PG_CATCH_UP_BATCH:
+                return read
+
+    # -- reads and writes ------------------------------------------------------------
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
         """One query on a pooled connection."""
@@ -2402,31 +2641,161 @@ class PostgresStore(SQLStore):
     async def read_transaction(self) -> AsyncIterator[SQLConnection]:
         """Several reads that see one committed state (a REPEATABLE READ snapshot)."""
         assert self._pool is not None, "the store is not open"
-        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
-                                                                  readonly=True):
+        async with self._pooled() as conn, conn.transaction(isolation="repeatable_read",
+                                                            readonly=True):
             yield PostgresConnection(conn)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
-        """BEGIN ... COMMIT on a pooled connection, one at a time; on any failure ROLLBACK
-        and run the undo hooks. After-commit hooks run under the lock, in seq order."""
+    async def _pooled(self) -> AsyncIterator[Any]:
+        """A pooled connection. Giving it back resets it, and a reset can fail when the
+        database went away after the last statement: that costs the connection (asyncpg
+        drops it), never the work done with it (a commit made must not be reported as
+        failed)."""
+        conn = await self._pool.acquire()
+        try:
+            yield conn
+        finally:
+            try:
+                await self._pool.release(conn)
+            except Exception as exc:
+                log.debug("a database connection was dropped on its way back: %s", exc)
+
+    def _holds(self) -> bool:
+        """Whether the running task is inside exclusive()."""
+        return self._holder is not None and self._holder is asyncio.current_task()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, journal: bool = True) -> AsyncIterator[Transaction]:
+        """BEGIN ... COMMIT on a pooled connection (exclusive()'s, inside it); on any failure
+        ROLLBACK and run the undo hooks. A journalling one takes PG_WRITE_LOCK and catches
+        up first, NOTIFYs the other nodes, and runs its after-commit hooks under this
+        node's lock, in seq order."""
         assert self._pool is not None, "the store is not open"
-        async with self._lock, self._pool.acquire() as conn:
-            tx = SQLTransaction(PostgresConnection(conn), self.index, self.cursor)
+        async with contextlib.AsyncExitStack() as stack:
+            if self._holds():
+                conn = self._held
+            else:
+                if journal:
+                    await stack.enter_async_context(self._lock)
+                conn = await stack.enter_async_context(self._pooled())
+            db, tx, committing = PostgresConnection(conn), None, False
             transaction = conn.transaction()
             await transaction.start()
             try:
+                if journal:
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_WRITE_LOCK)
+                    await self._catch_up(db)
+                tx = SQLTransaction(db, self.index, self.cursor)
                 yield tx
                 await tx.flush()
+                if journal and (tx.last_seq or tx.versions or tx.blob_bytes):
+                    await conn.execute("SELECT pg_notify($1, $2)", PG_CHANNEL, json.dumps(
+                        {"kind": "commit", "node": self.node, "seq": tx.last_seq,
+                         "versions": tx.versions, "blob_bytes": tx.blob_bytes}))
+                committing = True
                 await transaction.commit()
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(Exception):
                     await transaction.rollback()
-                tx.run_undo()
-                raise
+                if tx is None or not (committing and await self._landed(tx, exc)):
+                    if tx is not None:
+                        tx.run_undo()
+                    raise
             self._committed(tx)
             for hook in tx.after_commit:
                 hook()
+
+    async def _landed(self, tx: SQLTransaction, exc: BaseException) -> bool:
+        """Whether a COMMIT whose answer was lost (the link broke) was made all the same:
+        its last journal entry is in the journal, asked on another connection (for a few
+        seconds, while the database comes back): undoing the renames of a commit that was
+        made would leave records whose bytes are gone. (A transaction that journalled
+        nothing renamed nothing in the tree: it is taken as failed.)"""
+        if self.failure(exc) is None or tx.last_entry is None:
+            return False
+        seq, path, when = tx.last_entry
+        for attempt in range(PG_LANDED_TRIES):
+            try:
+                rows = await self.read("SELECT 1 FROM changes WHERE seq = ? AND path = ?"
+                                       " AND time = ?", (seq, path, when))
+            except Exception as error:
+                if self.failure(error) is None:
+                    raise
+                await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            if rows:
+                log.warning("the answer to a COMMIT was lost, but it was made (seq %d): kept",
+                            seq)
+            return bool(rows)
+        log.error("the answer to a COMMIT was lost and the database cannot say whether it "
+                  "was made; it is taken as not made (seq %d, %s): if it was, start-up recovery "
+                  "of a node finds the files that differ from their records", seq, path)
+        return False
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """PG_WRITE_LOCK held as a session lock on one connection, which this task's
+        transactions use meanwhile; caught up first."""
+        assert self._pool is not None, "the store is not open"
+        async with self._lock, self._pooled() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", PG_WRITE_LOCK)
+            try:
+                await self._catch_up(PostgresConnection(conn))
+                self._holder, self._held = asyncio.current_task(), conn
+                try:
+                    yield
+                finally:
+                    self._holder = self._held = None
+            finally:
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", PG_WRITE_LOCK)
+                except BaseException:
+                    conn.terminate()    # a pooled connection must not keep the lock
+                    raise
+
+    # -- the cluster ---------------------------------------------------------------
+
+    async def broadcast(self, message: dict[str, Any]) -> None:
+        """NOTIFY the other nodes."""
+        await self.read("SELECT pg_notify(?, ?)",
+                        (PG_CHANNEL, json.dumps({**message, "node": self.node})))
+
+    async def note_connection(self, client_id: str, connected: bool) -> None:
+        """Note where a client's WebSocket is open (its row), or that it closed."""
+        if connected:
+            await self._write(
+                "INSERT INTO connections (client_id, node, node_key, since) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (client_id) DO UPDATE SET node = excluded.node,"
+                " node_key = excluded.node_key, since = excluded.since",
+                (client_id, self.node, lock_key(self.node), time.time()))
+        else:
+            await self._write("DELETE FROM connections WHERE client_id = ? AND node = ?",
+                              (client_id, self.node))
+
+    async def connected_elsewhere(self) -> set[str]:
+        """The clients connected to another node that runs (holds its name's lock: the row
+        of a node that died is not believed)."""
+        rows = await self.read(
+            "SELECT client_id FROM connections WHERE node <> ? AND node_key IN"
+            " (SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            "  AND classid = ? AND objsubid = 2 AND database ="
+            "  (SELECT oid FROM pg_database WHERE datname = current_database()))",
+            (self.node, PG_NODE_LOCKS))
+        return {row[0] for row in rows}
+
+    @contextlib.asynccontextmanager
+    async def claim_upload(self, upload_id: str) -> AsyncIterator[bool]:
+        """The upload's lock, on the node's connection (a node that dies lets it go)."""
+        key = lock_key(upload_id)
+        claimed = await self._on_node("SELECT pg_try_advisory_lock($1, $2)", PG_UPLOAD_LOCKS, key)
+        try:
+            yield bool(claimed)
+        finally:
+            if claimed:
+                try:
+                    await self._on_node("SELECT pg_advisory_unlock($1, $2)", PG_UPLOAD_LOCKS, key)
+                except Exception:
+                    self._drop_node()   # the lock must not stay: the watcher connects again
 
     def failure(self, exc: BaseException) -> Refused | None:
         """postgres_failure."""
@@ -2529,16 +2898,17 @@ def is_full(exc: BaseException) -> bool:
 
 
 class FileStore:
-    """The tree of plain files under sync_directory, and .syncd/tmp/ beside it.
+    """The tree of plain files under sync_directory, and .syncd/tmp/ beside it (in a
+    cluster, .syncd/tmp/NODE/: each node empties its own at start, never another's).
 
     Every operation walks the tree from the root with O_NOFOLLOW and dir_fd, so
     a symlink planted in the tree is never followed, in or out.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, node: str | None = None) -> None:
         self.root = root
         self.state_dir = root / STATE_DIR
-        self.tmp_dir = self.state_dir / "tmp"
+        self.tmp_dir = self.state_dir / "tmp" / node if node else self.state_dir / "tmp"
         self.blob_dir = self.state_dir / "blobs"    # kept versions, one file per content
         self.upload_dir = self.state_dir / "uploads"   # resumable uploads: kept across starts
         # Our own pool for upload chunks, so that an aborted upload can wait for the
@@ -2591,7 +2961,8 @@ class FileStore:
     def prepare(self) -> int:
         """Create .syncd/ and tmp/, private to us (0700); empty tmp/ of what a crash left
         there; return how many files that was."""
-        for folder in (self.state_dir, self.tmp_dir, self.blob_dir, self.upload_dir):
+        for folder in (self.state_dir, self.state_dir / "tmp", self.tmp_dir, self.blob_dir,
+                       self.upload_dir):
             folder.mkdir(mode=0o700, exist_ok=True)
             try:
                 os.chmod(folder, 0o700)      # made world-readable by an older syncd
@@ -2601,8 +2972,8 @@ class FileStore:
         for leftover in self.tmp_dir.iterdir():
             try:
                 if stat.S_ISDIR(leftover.lstat().st_mode):
-                    log.warning("%s/tmp/%s is a folder we did not make: left alone",
-                                STATE_DIR, leftover.name)
+                    log.warning("%s is a folder we did not make (or another node's): left alone",
+                                leftover)
                     continue
                 leftover.unlink()
                 removed += 1
@@ -3177,17 +3548,18 @@ class FileStore:
         them all."""
         fd = self._open_regular(path)
         try:
-            size = os.fstat(fd).st_size
+            status = os.fstat(fd)
+            size = status.st_size
             if size > INLINE_LIMIT:
                 os.set_blocking(fd, True)
                 handle, fd = os.fdopen(fd, "rb"), -1
                 return handle
             if not cached_only:
-                return io.BytesIO(os.pread(fd, size, 0))
+                return self._small(os.pread(fd, size, 0), status)
             buffer = bytearray(size)
             try:
                 if os.preadv(fd, [buffer], 0, os.RWF_NOWAIT) == size:
-                    return io.BytesIO(buffer)
+                    return self._small(buffer, status)
             except OSError as exc:    # EAGAIN: not all cached; EOPNOTSUPP: not on this filesystem
                 if exc.errno not in (errno.EAGAIN, errno.EOPNOTSUPP):
                     raise
@@ -3195,6 +3567,24 @@ class FileStore:
         finally:
             if fd != -1:
                 os.close(fd)
+
+    @staticmethod
+    def _small(data: bytes | bytearray, status: os.stat_result) -> io.BytesIO:
+        """A small file's bytes, with the mtime they had (for describes())."""
+        handle = io.BytesIO(data)
+        handle.mtime_ns = status.st_mtime_ns      # type: ignore[attr-defined]
+        return handle
+
+    @staticmethod
+    def describes(handle: Any, record: FileRecord) -> bool:
+        """Whether an open file (open_read, read_small) has the size and mtime its record
+        says (a record from before mtimes were kept is believed)."""
+        if record.mtime_ns < 0:
+            return True
+        if isinstance(handle, io.BytesIO):
+            return (len(handle.getbuffer()), handle.mtime_ns) == (record.size, record.mtime_ns)
+        status = os.fstat(handle.fileno())
+        return (status.st_size, status.st_mtime_ns) == (record.size, record.mtime_ns)
 
     def _open_regular(self, path: str) -> int:
         """A descriptor of path opened for reading; NotRegular unless it is a regular file.
@@ -3665,6 +4055,8 @@ class Connection:
     allowance: float = WS_MESSAGE_BURST     # token bucket for the client's own messages
     told_unknown: bool = False              # unknown message types are answered once
     device: str | None = None               # the device whose token opened it
+    opened: float = field(default_factory=time.time)
+    replaced: bool = False                  # by a newer connection on another node
 
     def may_send(self, now: float) -> bool:
         """Take one token; False when the client sends faster than WS_MESSAGE_RATE."""
@@ -3729,6 +4121,14 @@ class Hub:
             del self.connections[conn.client_id]
             return True
         return False
+
+    def replace_remote(self, client_id: str, since: float) -> None:
+        """The client connected to another node at since: close its connection here (4001),
+        if it is older (two nodes told at once each keep the newer one)."""
+        conn = self.connections.get(client_id)
+        if conn is not None and conn.opened <= since:
+            conn.replaced = True
+            self.drop(conn, WS_CLOSE_REPLACED, "replaced by a newer connection")
 
     def drop_device(self, name: str) -> int:
         """Close (4003) the connections a revoked device's token opened; how many."""
@@ -4074,6 +4474,7 @@ class Tree:
         self._pending: list[PendingUpload] = []     # uploads waiting for a group commit
         self._committing: asyncio.Future[None] | None = None
         self._pruner: asyncio.Future[None] | None = None
+        store.on_change = self._announce_remote
 
     def configure(self, config: Config) -> None:
         """Take a reloaded configuration."""
@@ -4106,8 +4507,9 @@ class Tree:
             removed = self.files.prepare()
             await self.store.open()
             try:
-                await self.finish_moves()
-                recovery = await recover(self.store, self.files, accept_deletions)
+                async with self.store.exclusive():    # in a cluster: one node at a time
+                    await self.finish_moves()
+                    recovery = await recover(self.store, self.files, accept_deletions)
             except BaseException:
                 await self.store.close()
                 raise
@@ -4447,7 +4849,7 @@ class Tree:
                     pre: Precondition) -> tuple[int, int]:
         if target == source or target.startswith(source + "/"):
             raise InvalidRequest(f"{source} cannot move to {target}, inside itself")
-        async with self._locked():
+        async with self._locked(), self.store.exclusive():
             moves = self._plan_move(source, target, pre)
             async with self.store.transaction() as tx:
                 await tx.note_move(source, target, client_id)
@@ -4733,8 +5135,25 @@ class Tree:
         async with self._locked():
             async with self.store.transaction() as tx:
                 yield tx
-            if tx.gone_blobs:    # under the lock: no write may link that content meanwhile
-                await asyncio.to_thread(self.files.remove_blobs, tx.gone_blobs)
+            if tx.gone_blobs:
+                await self._remove_blobs(tx.gone_blobs)
+
+    async def _remove_blobs(self, checksums: Sequence[str]) -> None:
+        """Remove the blobs a commit left unreferenced, with every write held off (no write
+        may link that content meanwhile); in a cluster, another node may have kept the
+        same content again since that commit: those stay."""
+        async with self.store.exclusive():
+            kept = await self.store.blobs_among(checksums)
+            await asyncio.to_thread(self.files.remove_blobs,
+                                    [checksum for checksum in checksums if checksum not in kept])
+
+    def _announce_remote(self, change: Change) -> None:
+        """Another node's journal entry, in the index now: announce it to this node's
+        WebSockets, as that node announced it to its own."""
+        record = FileRecord(change.path, change.checksum, change.size, change.modified_time,
+                            change.seq, change.type == "delete", change.time, change.client_id)
+        event = file_deleted_event(record) if record.deleted else file_changed_event(record)
+        self.hub.publish(event, change.client_id)
 
     # -- reads -------------------------------------------------------------------
 
@@ -4747,6 +5166,24 @@ class Tree:
         if path in self.rehashing:
             raise StorageFailing(f"{path} changed on disk while the server was stopped and is "
                                  "being checked; retry shortly", retry_after=5)
+        if self.store.behind():
+            await self.store.catch_up()
+        # In a cluster, a client told of a change by another node may ask this one before
+        # that node's notice arrived: no such file, or bytes that are not the record's
+        # (size and mtime), send this node to the database before it answers.
+        try:
+            handle, record = await self._open_committed(path)
+        except NotFound:
+            if not await self.store.catch_up():
+                raise
+            return await self._open_committed(path)
+        if not self.files.describes(handle, record) and await self.store.catch_up():
+            handle.close()
+            return await self._open_committed(path)
+        return handle, record
+
+    async def _open_committed(self, path: str) -> tuple[Any, FileRecord]:
+        """open_for_read, as the index stands."""
         before = self._writes
         if before % 2 == 0:
             handle, record = await self._open_with_record(path)
@@ -4891,14 +5328,19 @@ class ResumableUploads:
             raise WrongOffset("another PATCH of this upload is under way")
         self.busy.add(upload.id)
         try:
-            if offset != upload.received:
-                raise WrongOffset(f"Upload-Offset is {upload.received}, not {offset}")
-            if length is not None:
-                self._set_length(upload, length)
-            await self._write(upload, chunks, checksum)
-            if upload.length is not None and upload.received == upload.length:
-                return upload, await self._complete(upload)
-            return upload, None
+            async with self.tree.store.claim_upload(upload.id) as claimed:
+                if not claimed:
+                    raise WrongOffset("another PATCH of this upload is under way (on another "
+                                      "node)")
+                upload = await self.get(upload.id)   # as the last node to write it left it
+                if offset != upload.received:
+                    raise WrongOffset(f"Upload-Offset is {upload.received}, not {offset}")
+                if length is not None:
+                    self._set_length(upload, length)
+                await self._write(upload, chunks, checksum)
+                if upload.length is not None and upload.received == upload.length:
+                    return upload, await self._complete(upload)
+                return upload, None
         finally:
             self.busy.discard(upload.id)
 
@@ -4977,7 +5419,10 @@ class ResumableUploads:
         """DELETE: the upload and its bytes are gone."""
         if upload.id in self.busy:
             raise WrongOffset("a PATCH of this upload is under way")
-        await self._remove(upload)
+        async with self.tree.store.claim_upload(upload.id) as claimed:
+            if not claimed:
+                raise WrongOffset("a PATCH of this upload is under way (on another node)")
+            await self._remove(upload)
         log.info("resumable upload %s terminated", upload.id)
 
     async def _remove(self, upload: PartialUpload) -> None:
@@ -4999,10 +5444,13 @@ class ResumableUploads:
         for upload in await self.tree.store.uploads_of(None):
             if upload.id in self.busy:
                 continue
-            if upload.received >= 0 and upload.expires < now:
-                await self._expire(upload)
-            elif upload.received < 0 and upload.expires + EXPIRED_KEPT < now:
-                await self.tree.store.drop_upload(upload.id)
+            async with self.tree.store.claim_upload(upload.id) as claimed:
+                if not claimed:
+                    continue
+                if upload.received >= 0 and upload.expires < now:
+                    await self._expire(upload)
+                elif upload.received < 0 and upload.expires + EXPIRED_KEPT < now:
+                    await self.tree.store.drop_upload(upload.id)
 
     async def sweep_forever(self) -> None:
         """The sweeper task."""
@@ -5098,6 +5546,7 @@ class Devices:
             self.by_hash.pop(current.token_hash, None)
         self.by_name[name], self.by_hash[device.token_hash] = device, device
         log.info("device %s enrolled (scope %s)", name, scope)
+        await self.tell_nodes()
         return device, token
 
     async def revoke(self, name: str) -> Device:
@@ -5109,7 +5558,18 @@ class Devices:
             await self.store.save_device(replace(device, revoked=True))
             device.revoked = True
             log.info("device %s revoked", name)
+            await self.tell_nodes()
         return device
+
+    async def tell_nodes(self) -> None:
+        """Have the other nodes read the devices again (the change is saved already: a node
+        that misses this reads them when its connection to the database comes back)."""
+        try:
+            await self.store.broadcast({"kind": "devices"})
+        except Exception as exc:
+            if self.store.failure(exc) is None:
+                raise
+            log.warning("could not tell the other nodes about the devices: %s", exc)
 
     def note_seen(self, device: Device) -> None:
         """The device made a request now."""
@@ -5222,6 +5682,7 @@ class State:
     stopping: bool = False
     accept_deletions: bool = False
     sync_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_SLOTS))
+    tasks: Background = field(default_factory=Background)   # what runs beside the requests
 
     @property
     def config(self) -> Config:
@@ -5237,6 +5698,64 @@ DEVICE = web.RequestKey("device", Device)      # set when a device token authent
 def state_of(request: web.Request) -> State:
     """The application's State."""
     return request.app[STATE]
+
+
+# -- a cluster: what the nodes tell each other (one node alone tells nobody) ------------
+
+def tell_nodes(state: State, message: dict[str, Any] | None,
+               first: Callable[[], Awaitable[None]] | None = None) -> None:
+    """In the background: run first, then broadcast message to the other nodes. Neither is
+    worth failing a request for: a node that missed a message resyncs when it reconnects."""
+    async def telling() -> None:
+        try:
+            if first is not None:
+                await first()
+            if message is not None:
+                await state.tree.store.broadcast(message)
+        except Exception as exc:
+            if state.tree.failure(exc) is None:
+                log.exception("telling the other nodes failed")
+            else:
+                log.warning("could not tell the other nodes (%s): %s",
+                            (message or {}).get("kind"), exc)
+    state.tasks.spawn(telling())
+
+
+def announce(state: State, event: dict[str, Any], exclude: str | None) -> None:
+    """An event about clients for every WebSocket but exclude's, on every node."""
+    state.tree.hub.publish(event, exclude)
+    tell_nodes(state, {"kind": "event", "event": event, "exclude": exclude})
+
+
+def hear_node(state: State, message: dict[str, Any]) -> None:
+    """What another node told this one (the store's on_message)."""
+    kind, hub = message.get("kind"), state.tree.hub
+    if kind == "connected" and isinstance(message.get("client_id"), str):
+        hub.replace_remote(message["client_id"], float(message.get("since", 0)))
+    elif kind == "event" and isinstance(message.get("event"), dict):
+        hub.publish(message["event"], message.get("exclude"))
+    elif kind in ("devices", "rejoined"):
+        state.tasks.spawn(reload_devices(state, rejoined=kind == "rejoined"))
+
+
+async def reload_devices(state: State, rejoined: bool) -> None:
+    """Another node enrolled or revoked a device (or this one missed what it said while
+    its connection was away): read the devices again, close the revoked ones' WebSockets;
+    after a reconnection, note this node's WebSockets again."""
+    hub = state.tree.hub
+    try:
+        await state.devices.load()
+        for device in state.devices.by_name.values():
+            if device.revoked and hub.drop_device(device.name):
+                log.info("device %s was revoked on another node: its WebSockets closed",
+                         device.name)
+        if rejoined:
+            for client_id in list(hub.connections):
+                await state.tree.store.note_connection(client_id, True)
+    except Exception as exc:
+        if state.tree.failure(exc) is None:
+            raise
+        log.warning("could not read the devices again: %s", exc)
 
 
 def request_timeout(seconds: float) -> ApiError:
@@ -5578,7 +6097,7 @@ async def handle_health(request: web.Request) -> web.Response:
         "cursor": tree.store.cursor,
         "epoch": tree.store.epoch,
         "bytes": tree.store.live_bytes,
-        "node": state.config.node_name or socket.gethostname(),
+        "node": node_name(state.config),
     }
     try:
         await tree.store.check()
@@ -5602,8 +6121,8 @@ async def handle_register(request: web.Request) -> web.Response:
     name = optional_text(data, "name")
     is_new = await tree.store.register_client(
         client_id, name, optional_text(data, "platform"), optional_text(data, "version"))
-    tree.hub.publish({"type": "client_joined", "client_id": client_id, "name": name},
-                     exclude=client_id)
+    announce(state_of(request), {"type": "client_joined", "client_id": client_id,
+                                 "name": name}, exclude=client_id)
     log.info("client %s %s", client_id, "registered" if is_new else "registered again")
     return json_response({"success": True,
                           "message": "registered" if is_new else "welcome back",
@@ -5611,13 +6130,14 @@ async def handle_register(request: web.Request) -> web.Response:
 
 
 async def handle_clients(request: web.Request) -> web.Response:
-    """GET /clients: the registry, with who is connected now."""
+    """GET /clients: the registry, with who is connected now (to any node)."""
     tree = state_of(request).tree
     clients = await tree.store.list_clients()
+    connected = set(tree.hub.connections) | await tree.store.connected_elsewhere()
     return json_response({"clients": [
         {"client_id": c.client_id, "name": c.name, "platform": c.platform,
          "version": c.version, "registered_at": c.registered_at, "last_seen": c.last_seen,
-         "connected": c.client_id in tree.hub.connections}
+         "connected": c.client_id in connected}
         for c in clients]})
 
 
@@ -6323,6 +6843,9 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
     if (device := request.get(DEVICE)) is not None:
         conn.device = device.name
     log.info("client %s connected", client_id)
+    state = state_of(request)
+    tell_nodes(state, {"kind": "connected", "client_id": client_id, "since": conn.opened},
+               lambda: tree.store.note_connection(client_id, True))
     try:
         async for msg in ws:
             if not conn.may_send(time.monotonic()):
@@ -6332,7 +6855,10 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
             answer_ws_message(hub, conn, msg)
     finally:
         if hub.disconnect(conn):
-            hub.publish({"type": "client_left", "client_id": client_id}, exclude=client_id)
+            if not conn.replaced:
+                announce(state, {"type": "client_left", "client_id": client_id},
+                         exclude=client_id)
+            tell_nodes(state, None, lambda: tree.store.note_connection(client_id, False))
             log.info("client %s disconnected", client_id)
     return ws
 
@@ -7300,9 +7826,10 @@ class AccessLogger(AbstractAccessLogger):
 async def storage_context(app: web.Application) -> AsyncIterator[None]:
     """Open the tree (recovering, rehashing in the background), serve, close it."""
     state = app[STATE]
+    state.tree.store.on_message = functools.partial(hear_node, state)
     await state.tree.open(state.accept_deletions)
     await state.devices.load()
-    tasks = Background()
+    tasks = state.tasks
     tasks.spawn(state.uploads.sweep_forever())
     tasks.spawn(state.devices.flush_forever())
     try:
@@ -7324,12 +7851,13 @@ async def close_websockets(app: web.Application) -> None:
 def make_app(config: Config, accept_deletions: bool = False) -> web.Application:
     """The syncd Application for config; tests import this."""
     root = Path(config.sync_directory)
+    node = node_name(config)
     store: MetadataStore = (
-        PostgresStore(config.database_url, config.database_pool_size) if config.database_url
-        else SQLiteStore(root / STATE_DIR / "syncd.db"))
+        PostgresStore(config.database_url, config.database_pool_size, node)
+        if config.database_url else SQLiteStore(root / STATE_DIR / "syncd.db"))
     tree = Tree(config,
                 store=store,
-                files=FileStore(root),
+                files=FileStore(root, node if config.database_url else None),
                 hub=Hub(config.ws_queue_size, config.heartbeat_interval, config.heartbeat_timeout),
                 metrics=Metrics())
     state = State(tree, ResumableUploads(tree), Devices(tree.store),

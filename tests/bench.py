@@ -28,7 +28,11 @@ another port) and measures, each as the median of several runs with min and max:
     syncthing) and rsync -a, on a tree of 2,000 x 4 KiB files in 20 folders and one
     256 MiB file: the initial sync from A to an empty B, one new 4 KiB file A -> B
     live (syncd: workload 8), and a --once (rsync: a run) after one change and with
-    nothing changed.
+    nothing changed;
+12. (--only cluster) two nodes on one PostgreSQL database and one folder against one:
+    4 KiB uploads and downloads through nginx (and to one node directly), fan-out to
+    clients spread over the nodes, and the push from an upload on node a to a WebSocket
+    on node b (against one on node a). PostgreSQL is started as the tests start it.
 
 nginx runs workloads 1-4 in the same run; the table shows syncd/nginx (workload 10
 against nginx's 4 KiB PUTs). Syncthing and rsync are optional like nginx: where they
@@ -304,14 +308,15 @@ def wrk(server: Server, work: Path, mode: str, prefix: str, limit: int) -> dict[
             "p50_ms": figures["latency_p50_us"] / 1000, "p99_ms": figures["latency_p99_us"] / 1000}
 
 
-def bench_small(server: Server, work: Path, rounds: int) -> dict[str, Any]:
-    """Workloads 3 and 4: small-file uploads, then downloads of the same files."""
+def bench_small(server: Server, work: Path, rounds: int, tag: str = "small") -> dict[str, Any]:
+    """Workloads 3 and 4: small-file uploads (new files under tag), then downloads of the
+    same files."""
     uploads, downloads = [], []
     for index in range(rounds):
-        put = wrk(server, work, "put", f"small{index}/f", 0)
+        put = wrk(server, work, "put", f"{tag}{index}/f", 0)
         uploads.append(put)
         # the last request of each connection may not have finished: leave those out
-        downloads.append(wrk(server, work, "get", f"small{index}/f",
+        downloads.append(wrk(server, work, "get", f"{tag}{index}/f",
                              max(3, put["fewest_per_thread"] - 8)))
     return {"upload_files_per_s": summary([u["files_per_s"] for u in uploads]),
             "uploaded_files": summary([u["files"] for u in uploads]),
@@ -452,9 +457,11 @@ def bench_sync_manifest(work: Path, files: int, rounds: int) -> dict[str, Any]:
             "first_start_s": first_start, "restart_s": restart, "manifest_mb": len(body) / MB}
 
 
-async def fan_out(server: Server, clients: int, rounds: int) -> dict[str, Any]:
-    """Workload 6: time from an upload's response to the last of `clients` WebSocket
-    clients receiving its file_changed. The receiving clients share this process,
+async def fan_out(server: Server, clients: int, rounds: int,
+                  listen_to: list[Server] | None = None) -> dict[str, Any]:
+    """Workload 6: time from an upload's response (through server) to the last of `clients`
+    WebSocket clients receiving its file_changed; the clients connect to the servers of
+    listen_to in turn (default: server alone). The receiving clients share this process,
     so the figure includes this process's own time to read 1,000 frames."""
     import aiohttp
     arrivals: dict[int, list[float]] = {}
@@ -473,7 +480,8 @@ async def fan_out(server: Server, clients: int, rounds: int) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector) as session:
         sockets = []
         for index in range(clients):
-            ws = await session.ws_connect(f"{server.url}/ws/fan{index}", heartbeat=None)
+            target = (listen_to or [server])[index % len(listen_to or [server])]
+            ws = await session.ws_connect(f"{target.url}/ws/fan{index}", heartbeat=None)
             await ws.receive_json()
             sockets.append(ws)
         readers = [asyncio.ensure_future(listen(ws)) for ws in sockets]
@@ -779,6 +787,107 @@ def bench_syncthing(work: Path, files: int, big: int, rounds: int) -> dict[str, 
 
 # -- the run --------------------------------------------------------------------------
 
+# -- cluster mode: nodes on one PostgreSQL database and one folder, nginx in front ------
+
+LB_CONF = """
+user root;
+worker_processes auto;
+daemon off;
+pid {work}/{name}.pid;
+error_log {work}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_max_body_size 0;
+    client_body_temp_path {work}/{name}-body;
+    proxy_temp_path {work}/{name}-proxy;
+    map $http_upgrade $syncd_connection {{ default upgrade; '' ''; }}
+    upstream syncd {{ {servers} keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        proxy_request_buffering off;
+        proxy_buffering off;
+        proxy_http_version 1.1;
+        location / {{
+            proxy_pass http://syncd;
+            proxy_set_header Host $host;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $syncd_connection;
+        }}
+    }}
+}}
+"""
+
+
+def start_balancer(work: Path, name: str, nodes: list[Server]) -> Server:
+    """nginx as the README's cluster site (systemd/nginx-syncd-cluster.conf) has it, without
+    TLS: an upstream of the nodes, requests and answers streamed."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    port = free_port()
+    conf = work / f"{name}.conf"
+    conf.write_text(LB_CONF.format(work=work, name=name, port=port, servers=" ".join(
+        f"server 127.0.0.1:{node.port};" for node in nodes)))
+    process = subprocess.Popen([nginx, "-c", str(conf), "-p", str(work)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(listening(port), 20, "nginx")
+    return Server(name, process, port, "/files/", "/files/")
+
+
+def bench_cluster(work: Path, rounds: int, fan_clients: int) -> dict[str, Any]:
+    """One node against two on one PostgreSQL database (started here, as the tests start
+    it), in the same run: 4 KiB uploads and downloads through nginx to one node and to
+    two (and to one node directly); fan-out to clients spread over one node or two; and
+    the push from an upload on node a to a WebSocket on node b, against one on node a."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from conftest import Postgres
+        database = Postgres()
+    except BaseException as exc:        # pytest's skip, outside pytest
+        raise SystemExit(f"bench: the cluster mode needs PostgreSQL and nginx ({exc})") from None
+    started: list[Server] = []
+    try:
+        url = database.new_database()
+        for name in ("a", "b"):
+            started.append(start_syncd(work, "cluster-data", extra=(
+                "--database-url", url, "--node-name", name)))
+        a, b = started
+        one, two = start_balancer(work, "lb-one", [a]), start_balancer(work, "lb-two", [a, b])
+        started += [one, two]
+        return {
+            "direct": bench_small(a, work, rounds, "direct"),
+            "one_node": bench_small(one, work, rounds, "one"),
+            "two_nodes": bench_small(two, work, rounds, "two"),
+            "fan_out_one_node": asyncio.run(fan_out(a, fan_clients, 30, [a])),
+            "fan_out_two_nodes": asyncio.run(fan_out(a, fan_clients, 30, [a, b])),
+            "push_same_node": asyncio.run(fan_out(a, 1, 50, [a])),
+            "push_across_nodes": asyncio.run(fan_out(a, 1, 50, [b])),
+            "nodes": 2}
+    finally:
+        for server in reversed(started):
+            server.stop()
+        database.close()
+
+
+def print_cluster(results: dict[str, Any]) -> None:
+    c = results["syncd"].get("cluster")
+    if not c:
+        return
+    print("\ncluster (PostgreSQL, one folder; ratios: two nodes / one node, same run)")
+    print(f"{'workload':46} {'median':>10} {'min':>10} {'max':>10} {'unit':8} "
+          f"{'one node':>10} {'ratio':>7}")
+    for key, label in (("upload_files_per_s", "4 KiB uploads via nginx, c=8"),
+                       ("download_files_per_s", "4 KiB downloads via nginx, c=8")):
+        print(row(f"{label}: two nodes", c["two_nodes"][key], "files/s", c["one_node"][key]))
+        print(row("  one node without nginx", c["direct"][key], "files/s", c["one_node"][key]))
+    clients = c["fan_out_two_nodes"]["clients"]
+    print(row(f"fan-out to {clients} over two nodes: last", c["fan_out_two_nodes"]["last_client_ms"],
+              "ms", c["fan_out_one_node"]["last_client_ms"]))
+    print(row("push a -> WebSocket on b, after answer", c["push_across_nodes"]["last_client_ms"],
+              "ms", c["push_same_node"]["last_client_ms"]))
+    print(row("  ... after the upload's start", c["push_across_nodes"]["last_client_from_start_ms"],
+              "ms", c["push_same_node"]["last_client_from_start_ms"]))
+
+
 def ratio(ours: float, theirs: float | None) -> str:
     return f"{ours / theirs:6.2f}x" if theirs else "      -"
 
@@ -895,7 +1004,7 @@ def main() -> int:
     parser.add_argument("--skip", default="",
                         help="comma-separated: sync,fanout,live,nginx,versions,bulk,clients")
     parser.add_argument("--only", default="",
-                        help="comma-separated workloads to run alone: versions, clients")
+                        help="comma-separated workloads to run alone: versions, clients, cluster")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -915,6 +1024,12 @@ def main() -> int:
     results["version"] = syncd.__version__
     with tempfile.TemporaryDirectory(prefix="syncd-bench-", dir=os.environ.get("BENCH_DIR")) as temp:
         work = Path(temp)
+        if "cluster" in args.only.split(","):
+            results["syncd"]["cluster"] = bench_cluster(work, args.rounds, fan_clients)
+            print_cluster(results)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+            return 0
         big = make_big_file(work, size)
         if "versions" in args.only.split(","):
             results["syncd"]["versions"] = bench_versions(work, big, args.rounds)

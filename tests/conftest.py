@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -135,6 +136,14 @@ def postgres() -> Iterator[Postgres]:
 
 
 @pytest.fixture
+def own_postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server of this test's own (it is stopped and started)."""
+    server = Postgres()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def database_url(request: pytest.FixtureRequest) -> str | None:
     """With SYNCD_TEST_DATABASE=postgres, a fresh PostgreSQL database for this test (the
     apps it starts share it, as one server's restarts would); else None: SQLite."""
@@ -157,11 +166,16 @@ def db_query(data_dir: Path, sql: str, params: Sequence[Any] = ()) -> list[tuple
         with contextlib.closing(sqlite3.connect(data_dir / ".syncd" / "syncd.db")) as db:
             with db:
                 return db.execute(sql, params).fetchall()
+    return db_query_url(CURRENT_DATABASE[-1], sql, params)
+
+
+def db_query_url(url: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """A statement (written with ?) on the PostgreSQL database at url; its rows."""
     import asyncpg
     rows: list[tuple[Any, ...]] = []
 
     async def run() -> None:
-        conn = await asyncpg.connect(CURRENT_DATABASE[-1])
+        conn = await asyncpg.connect(url)
         try:
             rows.extend(tuple(row) for row in await conn.fetch(syncd.numbered(sql), *params))
         finally:
@@ -266,9 +280,16 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> Non
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def tmp_files(data_dir: Path) -> list[str]:
-    """What is left in .syncd/tmp/, but for the empty temp files made ahead for uploads."""
+def node_tmp(data_dir: Path) -> Path:
+    """The server's temp folder: .syncd/tmp/, or on PostgreSQL the node's .syncd/tmp/NODE/."""
     tmp = data_dir / ".syncd" / "tmp"
+    return tmp / socket.gethostname() if ON_POSTGRES else tmp
+
+
+def tmp_files(data_dir: Path) -> list[str]:
+    """What is left in the server's temp folder, but for the empty temp files made ahead
+    for uploads."""
+    tmp = node_tmp(data_dir)
     left = sorted(name for name in os.listdir(tmp)
                   if not (name.startswith("spare-") and (tmp / name).stat().st_size == 0))
     assert len(os.listdir(tmp)) - len(left) <= syncd.SPARE_TEMP_FILES
@@ -563,6 +584,58 @@ class CountingProxy:
             self.drop_all()
         for thread in self.threads:
             thread.join(timeout=10)
+
+
+class Nginx:
+    """nginx started for real, serving the README's site file in front of a daemon."""
+
+    def __init__(self, work: Path, site_file: Path, servers: Sequence[Daemon], pki: PKI) -> None:
+        """site_file as it is, but for its certificate, its port, and its upstream servers
+        (127.0.0.1:8000, or 8001, 8002, ...: the servers' ports, in order)."""
+        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                           else None)
+        if binary is None:
+            pytest.skip("nginx is not installed (.ci/run installs it)")
+        cert, key = pki.server("nginx")
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.body_dir = work / "client_body"
+        self.body_dir.mkdir(parents=True)
+        site = site_file.read_text()
+        upstreams = re.findall(r"server (127\.0\.0\.1:80\d\d)", site)
+        assert len(upstreams) == len(servers), upstreams
+        for address, server in zip(upstreams, servers, strict=True):
+            site = site.replace(f"server {address}", f"server 127.0.0.1:{server.port}", 1)
+        for old, new in (("listen 443 ssl;", f"listen 127.0.0.1:{self.port} ssl;"),
+                         ("/etc/letsencrypt/live/sync.example.com/fullchain.pem", str(cert)),
+                         ("/etc/letsencrypt/live/sync.example.com/privkey.pem", str(key))):
+            assert old in site, old
+            site = site.replace(old, new)
+        (work / "syncd.conf").write_text(site)
+        temp = " ".join(f"{kind}_temp_path {work}/{kind};" for kind in
+                        ("proxy", "fastcgi", "uwsgi", "scgi"))
+        (work / "nginx.conf").write_text(
+            f"{'user root;' if os.geteuid() == 0 else ''}\nworker_processes 1;\n"
+            f"daemon off;\npid {work}/nginx.pid;\nerror_log {work}/error.log warn;\n"
+            f"events {{ worker_connections 512; }}\nhttp {{\n access_log off;\n"
+            f" client_body_temp_path {self.body_dir};\n {temp}\n include {work}/syncd.conf;\n}}\n")
+        self.process = subprocess.Popen([binary, "-c", str(work / "nginx.conf"), "-p", str(work)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.error_log = work / "error.log"
+        wait_until(self.listening, "nginx to listen")
+
+    def listening(self) -> bool:
+        assert self.process.poll() is None, self.error_log.read_text(errors="replace")
+        try:
+            import socket
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)
 
 
 class PKI:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import syncd
-from conftest import ROOT, db_query, free_port, http_request, put, recovered, sha, sqlite_only, tmp_files
+from conftest import ROOT, db_query, free_port, http_request, node_tmp, put, recovered, sha, sqlite_only, tmp_files
 
 
 @pytest.fixture(autouse=True)
@@ -83,8 +83,8 @@ async def test_a_folder_in_tmp_does_not_stop_start_up(app_client: Any, data_dir:
     client = await app_client()
     await put(client, "a.txt", b"a")
     await client.close()
-    (data_dir / ".syncd" / "tmp" / "stray").mkdir()
-    (data_dir / ".syncd" / "tmp" / "upload-7").write_bytes(b"half")
+    (node_tmp(data_dir) / "stray").mkdir()
+    (node_tmp(data_dir) / "upload-7").write_bytes(b"half")
     client = await recovered(await app_client())
     assert (await client.get("/download/a.txt")).status == 200
     assert tmp_files(data_dir) == ["stray"]

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import http.client
 import os
-import shutil
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,64 +15,17 @@ from typing import Any
 
 import pytest
 
-from conftest import PKI, ROOT, Clients, Daemon, free_port, tree, wait_until, write
+from conftest import Clients, Daemon, Nginx, PKI, ROOT, node_tmp, tree, wait_until, write
 
 MiB = 1024 * 1024
 SITE = ROOT / "systemd" / "nginx-syncd.conf"
-
-
-class Nginx:
-    """nginx started for real, serving the README's site file in front of a daemon."""
-
-    def __init__(self, work: Path, server: Daemon, pki: PKI) -> None:
-        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
-                                           else None)
-        if binary is None:
-            pytest.skip("nginx is not installed (.ci/run installs it)")
-        cert, key = pki.server("nginx")
-        self.port = free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
-        self.body_dir = work / "client_body"
-        self.body_dir.mkdir(parents=True)
-        site = SITE.read_text()
-        for old, new in (("127.0.0.1:8000", f"127.0.0.1:{server.port}"),
-                         ("listen 443 ssl;", f"listen 127.0.0.1:{self.port} ssl;"),
-                         ("/etc/letsencrypt/live/sync.example.com/fullchain.pem", str(cert)),
-                         ("/etc/letsencrypt/live/sync.example.com/privkey.pem", str(key))):
-            assert old in site, old
-            site = site.replace(old, new)
-        (work / "syncd.conf").write_text(site)
-        temp = " ".join(f"{kind}_temp_path {work}/{kind};" for kind in
-                        ("proxy", "fastcgi", "uwsgi", "scgi"))
-        (work / "nginx.conf").write_text(
-            f"{'user root;' if os.geteuid() == 0 else ''}\nworker_processes 1;\n"
-            f"daemon off;\npid {work}/nginx.pid;\nerror_log {work}/error.log warn;\n"
-            f"events {{ worker_connections 512; }}\nhttp {{\n access_log off;\n"
-            f" client_body_temp_path {self.body_dir};\n {temp}\n include {work}/syncd.conf;\n}}\n")
-        self.process = subprocess.Popen([binary, "-c", str(work / "nginx.conf"), "-p", str(work)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.error_log = work / "error.log"
-        wait_until(self.listening, "nginx to listen")
-
-    def listening(self) -> bool:
-        assert self.process.poll() is None, self.error_log.read_text(errors="replace")
-        try:
-            import socket
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=20)
 
 
 @pytest.fixture
 def behind_nginx(tmp_path: Path, daemon: Any) -> Iterator[tuple[Daemon, Nginx, PKI]]:
     pki = PKI(tmp_path / "pki")
     server = daemon("--trusted-proxies", "127.0.0.1", "--max-file-size", "2GiB")
-    proxy = Nginx(tmp_path / "nginx", server, pki)
+    proxy = Nginx(tmp_path / "nginx", SITE, [server], pki)
     yield server, proxy, pki
     proxy.stop()
 
@@ -106,7 +57,7 @@ def test_a_1_gib_upload_streams_through_nginx(behind_nginx: tuple[Daemon, Nginx,
     file it unlinks at once, so that only this timing can tell)."""
     server, proxy, pki = behind_nginx
     block = os.urandom(MiB)
-    staged = server.data / ".syncd" / "tmp"
+    staged = node_tmp(server.data)
     at_half: list[int] = []
 
     def body() -> Iterator[bytes]:
@@ -141,7 +92,7 @@ def test_failed_logins_count_per_client_behind_nginx(tmp_path: Path, daemon: Any
     address it saw to X-Forwarded-For, and syncd believes only that last entry."""
     pki = PKI(tmp_path / "pki")
     server = daemon("--trusted-proxies", "127.0.0.1", "--api-key", "right")
-    proxy = Nginx(tmp_path / "nginx", server, pki)
+    proxy = Nginx(tmp_path / "nginx", SITE, [server], pki)
     try:
         context = ssl.create_default_context(cafile=pki.ca)
 

@@ -1,27 +1,21 @@
 """The metadata in PostgreSQL (database_url), with a real server started by the tests: state
-across restarts, one node per database until the cluster mode lands, a database that goes
-away and comes back, and what a bad setting says. (SYNCD_TEST_DATABASE=postgres runs the
+across restarts, a second node that has no name of its own, a database that goes away and
+comes back, and what a bad setting says. (SYNCD_TEST_DATABASE=postgres runs the
 rest of the suite on PostgreSQL too.)"""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 import syncd
-from conftest import ROOT, Postgres, error_of, free_port, put, sha
-
-
-@pytest.fixture
-def own_postgres() -> Any:
-    """A PostgreSQL server of this test's own (it is stopped and started)."""
-    server = Postgres()
-    yield server
-    server.close()
+from conftest import ROOT, Postgres, db_query_url, error_of, free_port, put, sha
 
 
 async def test_everything_is_kept_across_a_restart(app_client: Any, postgres: Postgres,
@@ -47,8 +41,10 @@ async def test_everything_is_kept_across_a_restart(app_client: Any, postgres: Po
     assert [change["seq"] for change in changes["changes"]] == [1, 2, 3, 4]
 
 
-def test_a_second_node_on_one_database_is_refused(daemon: Any, postgres: Postgres,
-                                                   tmp_path: Path) -> None:
+def test_a_second_node_with_the_default_name_is_refused(daemon: Any, postgres: Postgres,
+                                                         tmp_path: Path) -> None:
+    """Two nodes on one host, both named after it (node_name unset), would share a temp
+    folder: the second is told to name itself. (tests/test_cluster.py: named nodes.)"""
     url = postgres.new_database()
     first = daemon("--database-url", url)
     second = subprocess.run(
@@ -56,7 +52,8 @@ def test_a_second_node_on_one_database_is_refused(daemon: Any, postgres: Postgre
          "--sync-directory", str(tmp_path / "other"), "--database-url", url],
         capture_output=True, text=True, timeout=60)
     assert second.returncode == syncd.EXIT_STORAGE
-    assert "another syncd node serves this database" in second.stderr
+    assert (f"another syncd node named {socket.gethostname()} uses this database: give each "
+            "node its own node_name") in second.stderr
     assert first.process.poll() is None
 
 
@@ -79,6 +76,56 @@ async def test_a_database_that_goes_away_is_503_and_comes_back(
     assert statuses[-1] == 201, statuses
     assert (await client.get("/health")).status == 200
     assert await (await client.get("/download/b.txt")).read() == b"after"
+
+
+async def test_a_connection_lost_on_its_way_back_to_the_pool_fails_no_commit(
+        app_client: Any, postgres: Postgres, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Giving a connection back resets it; when the database went away just after the
+    COMMIT, that reset fails. The upload was made: it is 201, not a 503 for a file that
+    is in the tree and in the database (as was seen with PostgreSQL stopped under load)."""
+    client = await app_client(database_url=postgres.new_database())
+    original = asyncpg.pool.Pool.release
+
+    async def release_then_fail(pool: Any, conn: Any, *args: Any) -> None:
+        await original(pool, conn, *args)
+        raise asyncpg.InterfaceError("cannot switch to state 15; another operation is in progress")
+    monkeypatch.setattr(asyncpg.pool.Pool, "release", release_then_fail)
+    assert (await put(client, "made.txt", b"made")).status == 201
+    monkeypatch.undo()
+    assert await (await client.get("/download/made.txt")).read() == b"made"
+    assert db_query_pg(client, "SELECT path FROM files") == [("made.txt",)]
+
+
+@pytest.mark.parametrize("lands", [True, False])
+async def test_a_commit_whose_answer_is_lost_is_looked_up(
+        app_client: Any, postgres: Postgres, monkeypatch: pytest.MonkeyPatch, lands: bool) -> None:
+    """The link breaks after COMMIT was sent: made or not, the tree must agree with the
+    database (undoing the rename of a commit that was made would leave a record whose bytes
+    are gone). The node asks the journal on another connection."""
+    client = await app_client(database_url=postgres.new_database())
+    await put(client, "doc.txt", b"old")
+    original = asyncpg.transaction.Transaction.commit
+
+    async def lose_the_answer(self: Any) -> None:
+        if lands:
+            await original(self)
+        else:
+            await self.rollback()
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of "
+                                                  "operation")
+    monkeypatch.setattr(asyncpg.transaction.Transaction, "commit", lose_the_answer)
+    answer = await put(client, "doc.txt", b"new")
+    monkeypatch.undo()
+    assert answer.status == (200 if lands else 503), await answer.text()
+    expected = b"new" if lands else b"old"
+    assert await (await client.get("/download/doc.txt")).read() == expected
+    assert db_query_pg(client, "SELECT checksum FROM files") == [(sha(expected),)]
+    assert (client.server.app[syncd.STATE].tree.files.root / "doc.txt").read_bytes() == expected
+
+
+def db_query_pg(client: Any, sql: str) -> list[tuple[Any, ...]]:
+    """A query on the app's own PostgreSQL database (not the test's default one)."""
+    return db_query_url(client.server.app[syncd.STATE].tree.store.url, sql)
 
 
 @pytest.mark.parametrize("state, refusal", [

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import syncd
-from conftest import ROOT, free_port, make_config, put, recovered, sha, sqlite_only, tmp_files
+from conftest import ROOT, free_port, make_config, node_tmp, put, recovered, sha, sqlite_only, tmp_files
 
 
 async def restart(app_client: Any, current: Any, **overrides: Any) -> Any:
@@ -156,7 +156,7 @@ async def test_leftover_backup_and_parked_files_are_removed(app_client: Any, dat
     client = await app_client()
     await client.close()
     for name in ("upload-1", "old-2", "del-3"):
-        (data_dir / ".syncd" / "tmp" / name).write_bytes(b"x")
+        (node_tmp(data_dir) / name).write_bytes(b"x")
     await app_client()
     assert tmp_files(data_dir) == []
 

@@ -3,6 +3,7 @@ container (systemd-nspawn from Debian's systemd-container). Skips where it canno
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import ssl
@@ -14,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,6 +50,7 @@ class Container:
         self.log = open(tmp_path / "nspawn.log", "wb")
         self.process: subprocess.Popen[bytes] | None = None
         self.pid = 0
+        self.binds: list[str] = []         # more --bind=HOST:INSIDE, before boot()
 
     def install(self) -> None:
         """What the README's install steps put on disk, from this checkout."""
@@ -71,7 +74,8 @@ class Container:
         self.process = subprocess.Popen(
             ["systemd-nspawn", "--register=no", "--keep-unit", "--volatile=yes", "-D", "/",
              "--boot", "--console=pipe", "-M", f"syncdtest{os.getpid()}",
-             f"--bind-ro={self.opt}:/opt/syncd", f"--bind={self.etc}:/etc/syncd"],
+             f"--bind-ro={self.opt}:/opt/syncd", f"--bind={self.etc}:/etc/syncd",
+             *(f"--bind={bind}" for bind in self.binds)],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "0"})
         deadline = time.monotonic() + 30
@@ -91,20 +95,20 @@ class Container:
         return subprocess.run(["nsenter", "-t", str(self.pid), "-a", *command],
                               capture_output=True, text=True, timeout=60, check=check)
 
-    def install_unit(self) -> None:
-        """The unit goes to /run/systemd/system inside, then daemon-reload."""
+    def install_unit(self, name: str = "syncd.service") -> None:
+        """A unit of systemd/ goes to /run/systemd/system inside, then daemon-reload."""
         units = Path(f"/proc/{self.pid}/root/run/systemd/system")
         units.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / "systemd" / "syncd.service", units / "syncd.service")
+        shutil.copy(ROOT / "systemd" / name, units / name)
         self.run("systemctl", "daemon-reload")
 
-    def show(self, prop: str) -> str:
-        """systemctl show -p PROP --value syncd."""
-        return self.run("systemctl", "show", "-p", prop, "--value", "syncd").stdout.strip()
+    def show(self, prop: str, unit: str = "syncd") -> str:
+        """systemctl show -p PROP --value UNIT."""
+        return self.run("systemctl", "show", "-p", prop, "--value", unit).stdout.strip()
 
-    def journal(self, *extra: str) -> str:
-        """journalctl -u syncd."""
-        return self.run("journalctl", "-u", "syncd", "--no-pager", *extra).stdout
+    def journal(self, *extra: str, unit: str = "syncd") -> str:
+        """journalctl -u UNIT."""
+        return self.run("journalctl", "-u", unit, "--no-pager", *extra).stdout
 
     def stop(self) -> None:
         """SIGTERM to nspawn powers the container off."""
@@ -128,6 +132,25 @@ def container(tmp_path: Path) -> Iterator[Container]:
         box.install()
         box.boot()
         box.install_unit()
+        yield box
+    finally:
+        box.stop()
+
+
+@pytest.fixture
+def node_container(tmp_path: Path) -> Iterator[Container]:
+    """A container with the node template installed and /srv/syncd bound from tmp_path."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    box = Container(tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    box.binds.append(f"{shared}:/srv/syncd")
+    try:
+        box.install()
+        box.boot()
+        box.install_unit("syncd-node@.service")
         yield box
     finally:
         box.stop()
@@ -203,3 +226,38 @@ def test_service_serves_https_with_its_certificate_as_a_credential(container: Co
     with urllib.request.urlopen(url + "/health", timeout=10, context=context) as response:
         assert response.status == 200
     assert "listening on https://" in container.journal()
+
+
+def test_two_cluster_nodes_run_from_the_template(node_container: Container, postgres: Any,
+                                                  tmp_path: Path) -> None:
+    """systemd/syncd-node@.service as the README installs it: a fixed user syncd, the
+    instance name as the node's name, its own config file, the database password as a
+    credential; two nodes on one database and one shared folder serve the same files."""
+    box = node_container
+    box.run("useradd", "--system", "--user-group", "--no-create-home", "syncd")
+    uid = int(box.run("id", "-u", "syncd").stdout)
+    os.chown(tmp_path / "shared", uid, uid)
+    url = postgres.new_database()
+    ports = {"node-1": box.port, "node-2": free_port()}
+    for node, port in ports.items():
+        (box.etc / f"{node}.toml").write_text(
+            f'port = {port}\nsync_directory = "/srv/syncd"\ndatabase_url = "{url}"\n')
+    (box.etc / "pgpass").write_text("*:*:*:*:unused-with-trust\n")
+    (box.etc / "pgpass").chmod(0o600)
+    for node in ports:
+        box.run("systemctl", "start", f"syncd-node@{node}")
+        assert box.show("ActiveState", f"syncd-node@{node}") == "active", box.journal(
+            unit=f"syncd-node@{node}")
+    auth = {"Authorization": f"Bearer {KEY}", "X-Client-Id": "host"}
+    one, two = (f"http://127.0.0.1:{port}" for port in ports.values())
+    assert http(one + "/files/hello.txt", "PUT", b"hello", auth) == 201
+    with urllib.request.urlopen(urllib.request.Request(two + "/download/hello.txt",
+                                                       headers=auth), timeout=10) as answer:
+        assert answer.read() == b"hello"
+    with urllib.request.urlopen(two + "/health", timeout=10) as answer:
+        assert json.loads(answer.read())["node"] == "node-2"
+    assert (tmp_path / "shared" / "hello.txt").stat().st_uid == uid
+    assert sorted(os.listdir(tmp_path / "shared" / ".syncd" / "tmp")) == ["node-1", "node-2"]
+    box.run("systemctl", "stop", "syncd-node@node-1", "syncd-node@node-2")
+    assert box.show("ExecMainStatus", "syncd-node@node-1") == "0"
+

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import syncd
-from conftest import ON_POSTGRES, db_query, error_of, put, sha, sqlite_error, sqlite_only, tmp_files, upload
+from conftest import ON_POSTGRES, db_query, error_of, node_tmp, put, sha, sqlite_error, sqlite_only, tmp_files, upload
 
 
 def db_rows(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
@@ -41,7 +41,7 @@ async def test_epoch_survives_a_restart(app_client: Any) -> None:
 async def test_leftover_temp_files_are_removed_at_start(app_client: Any, data_dir: Path) -> None:
     first = await app_client()
     await first.close()
-    (data_dir / ".syncd" / "tmp" / "upload-crashed").write_bytes(b"partial")
+    (node_tmp(data_dir) / "upload-crashed").write_bytes(b"partial")
     await app_client()
     assert tmp_files(data_dir) == []
 
@@ -220,7 +220,7 @@ async def test_temp_files_made_ahead_are_removed_at_close_and_a_failure_to_make_
     store = client.server.app[syncd.STATE].tree.files
     await put(client, "first.txt", b"x")
     await asyncio.to_thread(lambda: store.writers.submit(lambda: None).result(10))
-    spares = [name for name in os.listdir(data_dir / ".syncd" / "tmp") if name.startswith("spare-")]
+    spares = [name for name in os.listdir(node_tmp(data_dir)) if name.startswith("spare-")]
     assert len(spares) == syncd.SPARE_TEMP_FILES          # made ahead, by a writer thread
     real_make = syncd.FileStore._make_temp
 
@@ -233,4 +233,4 @@ async def test_temp_files_made_ahead_are_removed_at_close_and_a_failure_to_make_
         assert (await put(client, f"f{index}.txt", b"%d" % index)).status == 201
     monkeypatch.undo()
     await client.close()
-    assert os.listdir(data_dir / ".syncd" / "tmp") == []
+    assert os.listdir(node_tmp(data_dir)) == []
