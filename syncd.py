@@ -2599,7 +2599,6 @@ class PostgresStore(SQLStore):
             await self._catch_up(db)
             await self._load_totals(db)
 
-
     async def _catch_up(self, db: SQLConnection) -> int:
         """Bring the index, the cursor and the totals up to what other nodes committed, and
         hand their journal entries to on_change, in seq order (under self._lock); how many
@@ -2895,6 +2894,14 @@ def write_and_hash(fd: int, hasher: Any, data: bytes) -> None:
 def is_full(exc: BaseException) -> bool:
     """Whether an error is a full disk (or quota)."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class SmallFile(io.BytesIO):
+    """A small file's bytes, read at once, with the mtime they had (FileStore.describes)."""
+
+    def __init__(self, data: bytes | bytearray, mtime_ns: int) -> None:
+        super().__init__(data)
+        self.mtime_ns = mtime_ns
 
 
 class FileStore:
@@ -3555,11 +3562,11 @@ class FileStore:
                 handle, fd = os.fdopen(fd, "rb"), -1
                 return handle
             if not cached_only:
-                return self._small(os.pread(fd, size, 0), status)
+                return SmallFile(os.pread(fd, size, 0), status.st_mtime_ns)
             buffer = bytearray(size)
             try:
                 if os.preadv(fd, [buffer], 0, os.RWF_NOWAIT) == size:
-                    return self._small(buffer, status)
+                    return SmallFile(buffer, status.st_mtime_ns)
             except OSError as exc:    # EAGAIN: not all cached; EOPNOTSUPP: not on this filesystem
                 if exc.errno not in (errno.EAGAIN, errno.EOPNOTSUPP):
                     raise
@@ -3569,19 +3576,12 @@ class FileStore:
                 os.close(fd)
 
     @staticmethod
-    def _small(data: bytes | bytearray, status: os.stat_result) -> io.BytesIO:
-        """A small file's bytes, with the mtime they had (for describes())."""
-        handle = io.BytesIO(data)
-        handle.mtime_ns = status.st_mtime_ns      # type: ignore[attr-defined]
-        return handle
-
-    @staticmethod
     def describes(handle: Any, record: FileRecord) -> bool:
         """Whether an open file (open_read, read_small) has the size and mtime its record
         says (a record from before mtimes were kept is believed)."""
         if record.mtime_ns < 0:
             return True
-        if isinstance(handle, io.BytesIO):
+        if isinstance(handle, SmallFile):
             return (len(handle.getbuffer()), handle.mtime_ns) == (record.size, record.mtime_ns)
         status = os.fstat(handle.fileno())
         return (status.st_size, status.st_mtime_ns) == (record.size, record.mtime_ns)

@@ -387,6 +387,12 @@ class Daemon:
                 time.sleep(0.05)
         raise AssertionError(f"daemon not ready: {self.log()}")
 
+    def seen_at(self, url: str) -> Daemon:
+        """This daemon as clients see it at url (behind a proxy)."""
+        copy = Daemon.__new__(Daemon)
+        copy.__dict__.update(self.__dict__, url=url)
+        return copy
+
     def recovered(self) -> None:
         """Wait for start-up recovery's summary (its background rehash is done: until then a
         file it rehashes is 503)."""

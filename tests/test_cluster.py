@@ -181,6 +181,37 @@ async def test_bytes_newer_than_the_record_send_a_node_to_the_database(
     assert (await answer.read(), answer.headers["ETag"]) == (b"newer", f'"{sha(b"newer")}"')
 
 
+async def test_a_node_back_on_the_database_notes_its_websockets_again(
+        app_client: Any, own_postgres: Postgres) -> None:
+    """PostgreSQL restarted: a node's own connection is re-made (which forgets the node's
+    WebSockets of before), then it notes the ones still open, so /clients on another node
+    still shows them; and it catches up with what was committed meanwhile."""
+    to_a, to_b, store_b = await two_apps(app_client, own_postgres)
+    store_a = to_a.server.app[syncd.STATE].tree.store
+    assert (await to_a.post("/register", json={"client_id": "phone"})).status == 200
+    ws = await to_a.ws_connect("/ws/phone")
+    await ws.receive_json()
+    await asyncio.sleep(0.2)
+    assert (await (await to_b.get("/clients")).json())["clients"][0]["connected"]
+    lost = store_a._node
+    own_postgres.stop()
+    own_postgres.start()
+    for _ in range(100):            # the watcher looks every PG_WATCH_INTERVAL seconds
+        if store_a._node is not None and store_a._node is not lost \
+                and store_b._node is not None and (await to_b.get("/health")).status == 200:
+            break
+        await asyncio.sleep(0.1)
+    for _ in range(50):
+        clients = await to_b.get("/clients")
+        if clients.status == 200 and (await clients.json())["clients"][0]["connected"]:
+            break
+        await asyncio.sleep(0.1)
+    assert (await (await to_b.get("/clients")).json())["clients"][0]["connected"]
+    assert (await put(to_b, "after.txt", b"after")).status == 201
+    assert (await next_event(ws))["path"] == "after.txt"
+    await ws.close()
+
+
 # -- one writer per path; journal order is commit order -----------------------------------
 
 async def test_concurrent_conditional_uploads_through_two_nodes_one_wins(cluster: Cluster) -> None:
@@ -412,15 +443,15 @@ async def test_a_resumable_upload_goes_on_through_another_node(cluster: Cluster)
             yield data[1_500_000:2_000_000]
         held = asyncio.ensure_future(to_a.patch(location, data=slow_body(),
                                                 headers={**patch, "Upload-Offset": "1000000"}))
+        partial = a.data / ".syncd" / "uploads" / location.rsplit("/", 1)[1]
         deadline = time.monotonic() + 10
-        while True:     # a wrong offset: until a's PATCH holds the upload, only that is said
-            clash = await to_b.patch(location, data=b"x" * 10,
-                                     headers={**patch, "Upload-Offset": "999999"})
-            assert clash.status == 409, await clash.text()
-            if "another node" in (await clash.json())["message"]:
-                break
-            assert time.monotonic() < deadline, await clash.text()
+        while partial.stat().st_size <= 1_000_000:      # a writes: it holds the upload
+            assert time.monotonic() < deadline and not held.done()
             await asyncio.sleep(0.01)
+        clash = await to_b.patch(location, data=b"x" * 10,
+                                 headers={**patch, "Upload-Offset": "1000000"})
+        assert clash.status == 409, await clash.text()
+        assert "another node" in (await clash.json())["message"]
         release.set()
         assert (await held).status == 204
         last = await to_b.patch(location, data=data[2_000_000:],
@@ -511,9 +542,7 @@ def test_the_client_syncs_through_nginx_while_nodes_restart(tmp_path: Path,
     a = cluster.node("a", "--trusted-proxies", "127.0.0.1")
     b = cluster.node("b", "--trusted-proxies", "127.0.0.1")
     proxy = Nginx(tmp_path / "nginx", SITE, [a, b], pki)
-    through = Daemon.__new__(Daemon)                   # the clients see nginx's URL
-    through.__dict__.update(a.__dict__, url=proxy.url)
-    clients = Clients(tmp_path, through)
+    clients = Clients(tmp_path, a.seen_at(proxy.url))
     try:
         clients.start("A", "--ca-file", str(pki.ca))
         clients.start("B", "--ca-file", str(pki.ca))
@@ -545,10 +574,8 @@ def test_two_clients_one_on_each_node_stay_in_sync_while_either_restarts(
     nodes = {"a": cluster.node("a"), "b": cluster.node("b")}
     groups = []
     for folder, name in (("A", "a"), ("B", "b")):
-        pinned = Daemon.__new__(Daemon)
-        pinned.__dict__.update(nodes[name].__dict__)
         (tmp_path / f"clients-{name}").mkdir()
-        groups.append(Clients(tmp_path / f"clients-{name}", pinned))
+        groups.append(Clients(tmp_path / f"clients-{name}", nodes[name]))
     on_a, on_b = groups
     try:
         on_a.start("A")

@@ -122,38 +122,32 @@ class Container:
         self.log.close()
 
 
-@pytest.fixture
-def container(tmp_path: Path) -> Iterator[Container]:
+def booted(tmp_path: Path, unit: str, binds: tuple[str, ...] = ()) -> Iterator[Container]:
+    """A booted container with a unit of systemd/ installed (and more folders bound)."""
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
     box = Container(tmp_path)
+    box.binds.extend(binds)
     try:
         box.install()
         box.boot()
-        box.install_unit()
+        box.install_unit(unit)
         yield box
     finally:
         box.stop()
+
+
+@pytest.fixture
+def container(tmp_path: Path) -> Iterator[Container]:
+    yield from booted(tmp_path, "syncd.service")
 
 
 @pytest.fixture
 def node_container(tmp_path: Path) -> Iterator[Container]:
-    """A container with the node template installed and /srv/syncd bound from tmp_path."""
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    box = Container(tmp_path)
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    box.binds.append(f"{shared}:/srv/syncd")
-    try:
-        box.install()
-        box.boot()
-        box.install_unit("syncd-node@.service")
-        yield box
-    finally:
-        box.stop()
+    """The node template installed, and /srv/syncd bound from tmp_path/shared."""
+    (tmp_path / "shared").mkdir()
+    yield from booted(tmp_path, "syncd-node@.service", (f"{tmp_path / 'shared'}:/srv/syncd",))
 
 
 def http(url: str, method: str = "GET", data: bytes | None = None,
