@@ -1508,8 +1508,9 @@ class MetadataStore(abc.ABC):
     async def broadcast(self, message: dict[str, Any]) -> None:
         """Hand message to the other nodes' on_message."""
 
-    async def note_connection(self, client_id: str, connected: bool) -> None:
-        """Note that a client's WebSocket is now open (or closed) on this node."""
+    async def note_connection(self, client_id: str, opened: float, connected: bool) -> None:
+        """Note that a client's WebSocket, opened at opened, is now open (or closed) on this
+        node."""
 
     async def connected_elsewhere(self) -> set[str]:
         """The clients with a WebSocket open on another node."""
@@ -2463,6 +2464,7 @@ class PostgresStore(SQLStore):
         self._node_lock = asyncio.Lock()  # asyncpg runs one query at a time on a connection
         self._holder: asyncio.Task[Any] | None = None    # the task in exclusive(),
         self._held: Any = None                           # and the connection it holds
+        self._notes = asyncio.Lock()      # note_connection, in order
         self._wake = asyncio.Event()      # another node committed: catch up
         self._last_heard = 0              # the last seq another node said it committed
         self._tasks = Background()
@@ -2759,17 +2761,24 @@ class PostgresStore(SQLStore):
         await self.read("SELECT pg_notify(?, ?)",
                         (PG_CHANNEL, json.dumps({**message, "node": self.node})))
 
-    async def note_connection(self, client_id: str, connected: bool) -> None:
-        """Note where a client's WebSocket is open (its row), or that it closed."""
+    async def note_connection(self, client_id: str, opened: float, connected: bool) -> None:
+        """Note where a client's WebSocket is open (its row), or that it closed. The newer
+        connection's row wins, whichever note arrives first (two nodes note at once); this
+        node's notes are made one at a time, in order (a close never before its open)."""
+        async with self._notes:
+            await self._note_connection(client_id, opened, connected)
+
+    async def _note_connection(self, client_id: str, opened: float, connected: bool) -> None:
         if connected:
             await self._write(
                 "INSERT INTO connections (client_id, node, node_key, since) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (client_id) DO UPDATE SET node = excluded.node,"
-                " node_key = excluded.node_key, since = excluded.since",
-                (client_id, self.node, lock_key(self.node), time.time()))
+                " node_key = excluded.node_key, since = excluded.since"
+                " WHERE connections.since <= excluded.since",
+                (client_id, self.node, lock_key(self.node), opened))
         else:
-            await self._write("DELETE FROM connections WHERE client_id = ? AND node = ?",
-                              (client_id, self.node))
+            await self._write("DELETE FROM connections WHERE client_id = ? AND node = ?"
+                              " AND since = ?", (client_id, self.node, opened))
 
     async def connected_elsewhere(self) -> set[str]:
         """The clients connected to another node that runs (holds its name's lock: the row
@@ -5750,8 +5759,8 @@ async def reload_devices(state: State, rejoined: bool) -> None:
                 log.info("device %s was revoked on another node: its WebSockets closed",
                          device.name)
         if rejoined:
-            for client_id in list(hub.connections):
-                await state.tree.store.note_connection(client_id, True)
+            for conn in list(hub.connections.values()):
+                await state.tree.store.note_connection(conn.client_id, conn.opened, True)
     except Exception as exc:
         if state.tree.failure(exc) is None:
             raise
@@ -6845,7 +6854,7 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
     log.info("client %s connected", client_id)
     state = state_of(request)
     tell_nodes(state, {"kind": "connected", "client_id": client_id, "since": conn.opened},
-               lambda: tree.store.note_connection(client_id, True))
+               lambda: tree.store.note_connection(client_id, conn.opened, True))
     try:
         async for msg in ws:
             if not conn.may_send(time.monotonic()):
@@ -6858,7 +6867,8 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
             if not conn.replaced:
                 announce(state, {"type": "client_left", "client_id": client_id},
                          exclude=client_id)
-            tell_nodes(state, None, lambda: tree.store.note_connection(client_id, False))
+            tell_nodes(state, None,
+                       lambda: tree.store.note_connection(client_id, conn.opened, False))
             log.info("client %s disconnected", client_id)
     return ws
 

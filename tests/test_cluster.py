@@ -26,9 +26,9 @@ import aiohttp
 import pytest
 
 import syncd
-from conftest import (ROOT, Clients, Daemon, Nginx, PKI, Postgres, error_of, free_port,
-                      http_request, kill_mid_put, put, recovered, sha, tree, upload, wait_until,
-                      write)
+from conftest import (ROOT, Clients, Daemon, Nginx, PKI, Postgres, db_query_url, error_of,
+                      free_port, http_request, kill_mid_put, put, recovered, sha, tree, upload,
+                      wait_until, write)
 
 SITE = ROOT / "systemd" / "nginx-syncd-cluster.conf"
 
@@ -72,6 +72,18 @@ def http(node: Daemon, method: str, path: str, body: bytes | None = None,
          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """One request to one node (in a thread of the test: no event loop)."""
     return http_request(node.port, method, path, body, headers or {})
+
+
+async def connected(node: Any, expected: list[bool]) -> None:
+    """Until /clients on node says expected (each node notes its WebSockets in the
+    background), for 5 s at most."""
+    deadline = time.monotonic() + 5
+    while True:
+        clients = (await (await node.get("/clients")).json())["clients"]
+        if [c["connected"] for c in clients] == expected or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert [c["connected"] for c in clients] == expected
 
 
 def restart(cluster: Cluster, node: Daemon, name: str) -> Daemon:
@@ -191,8 +203,7 @@ async def test_a_node_back_on_the_database_notes_its_websockets_again(
     assert (await to_a.post("/register", json={"client_id": "phone"})).status == 200
     ws = await to_a.ws_connect("/ws/phone")
     await ws.receive_json()
-    await asyncio.sleep(0.2)
-    assert (await (await to_b.get("/clients")).json())["clients"][0]["connected"]
+    await connected(to_b, [True])
     lost = store_a._node
     own_postgres.stop()
     own_postgres.start()
@@ -201,15 +212,25 @@ async def test_a_node_back_on_the_database_notes_its_websockets_again(
                 and store_b._node is not None and (await to_b.get("/health")).status == 200:
             break
         await asyncio.sleep(0.1)
-    for _ in range(50):
-        clients = await to_b.get("/clients")
-        if clients.status == 200 and (await clients.json())["clients"][0]["connected"]:
-            break
-        await asyncio.sleep(0.1)
-    assert (await (await to_b.get("/clients")).json())["clients"][0]["connected"]
+    await connected(to_b, [True])
     assert (await put(to_b, "after.txt", b"after")).status == 201
     assert (await next_event(ws))["path"] == "after.txt"
     await ws.close()
+
+
+async def test_a_late_note_of_an_older_connection_does_not_hide_the_newer_one(
+        app_client: Any, postgres: Postgres) -> None:
+    """Each node notes its WebSockets in the background: a's note of the phone's older
+    connection may reach the database after b's of the newer one; b's row stays."""
+    to_a, to_b, store_b = await two_apps(app_client, postgres)
+    store_a = to_a.server.app[syncd.STATE].tree.store
+    await store_b.note_connection("phone", 2000.0, True)
+    await store_a.note_connection("phone", 1000.0, True)      # late, and older
+    await store_a.note_connection("phone", 1000.0, False)
+    assert db_query_url(store_a.url, "SELECT node, since FROM connections") == [("b", 2000.0)]
+    assert await store_a.connected_elsewhere() == {"phone"}
+    await store_b.note_connection("phone", 2000.0, False)
+    assert await store_a.connected_elsewhere() == set()
 
 
 # -- one writer per path; journal order is commit order -----------------------------------
@@ -333,22 +354,18 @@ async def test_a_second_connection_on_another_node_replaces_the_first(cluster: C
             assert (await node.post("/register", json={"client_id": "phone"})).status == 200
         first = await to_a.ws_connect("/ws/phone")
         await first.receive_json()
-        clients = await (await to_b.get("/clients")).json()
-        assert [c["connected"] for c in clients["clients"]] == [True]     # on a, seen from b
+        await connected(to_b, [True])                       # on a, seen from b
         second = await to_b.ws_connect("/ws/phone")
         await second.receive_json()
         closed = await first.receive(timeout=5)
         while closed.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
             closed = await first.receive(timeout=5)
         assert first.close_code == syncd.WS_CLOSE_REPLACED
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)             # a's close of the old one is noted too
         for node in (to_a, to_b):
-            clients = await (await node.get("/clients")).json()
-            assert [c["connected"] for c in clients["clients"]] == [True]
+            await connected(node, [True])
         await second.close()
-        await asyncio.sleep(0.3)
-        clients = await (await to_a.get("/clients")).json()
-        assert [c["connected"] for c in clients["clients"]] == [False]
+        await connected(to_a, [False])
 
 
 def test_a_node_killed_is_not_believed_to_hold_its_clients(cluster: Cluster) -> None:
@@ -356,19 +373,17 @@ def test_a_node_killed_is_not_believed_to_hold_its_clients(cluster: Cluster) -> 
     rows behind: PostgreSQL lets its name's lock go)."""
     a, b = cluster.node("a"), cluster.node("b")
 
-    async def connect_and_kill() -> list[bool]:
+    async def connect_and_kill() -> None:
         async with session(a) as to_a, session(b) as to_b:
             await to_a.post("/register", json={"client_id": "phone"})
             ws = await to_a.ws_connect("/ws/phone")
             await ws.receive_json()
-            before = [c["connected"] for c in (await (await to_b.get("/clients")).json())["clients"]]
+            await connected(to_b, [True])
             a.process.kill()
             a.process.wait(timeout=10)
-            await asyncio.sleep(0.5)
-            after = [c["connected"] for c in (await (await to_b.get("/clients")).json())["clients"]]
+            await connected(to_b, [False])
             await ws.close()
-            return before + after
-    assert asyncio.run(connect_and_kill()) == [True, False]
+    asyncio.run(connect_and_kill())
 
 
 async def test_a_device_enrolled_or_revoked_on_one_node_counts_on_the_other(
