@@ -2847,6 +2847,7 @@ class Swap:
     staged: str = ""           # the new file's name in tmp/ before the rename (an undo puts it back)
     blob: str | None = None    # the replaced content's checksum, once it is in the blob store
     new_blob: bool = False     # ...and this swap put it there (its undo takes it out)
+    kept: FileRecord | None = None   # what the blob holds (see FileStore.keepable)
 
 
 @dataclass
@@ -2857,6 +2858,7 @@ class Removal:
     parked: str            # name in tmp/
     blob: str | None = None    # its content's checksum, once it is in the blob store
     new_blob: bool = False     # ...and this removal put it there
+    kept: FileRecord | None = None   # what the blob holds (see FileStore.keepable)
 
 
 def file_failure(exc: BaseException) -> Refused | None:
@@ -3174,14 +3176,14 @@ class FileStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.upload_dir / upload_id)
 
-    def swap_in(self, staged: StagedFile, path: str, keep: str | None = None,
+    def swap_in(self, staged: StagedFile, path: str, keep: FileRecord | None = None,
                 sync: bool = True) -> Swap:
         """Rename a sealed temp file over path, keep the old one in tmp/, fsync the folder
         (unless sync is False: a group commit fsyncs each folder once, see sync_folders).
 
-        keep: the old file's checksum, to keep it as a version: it is hard-linked into
+        keep: the old file's record, to keep it as a version: it is hard-linked into
         the blob store (durably) before the rename, so that a crash at any moment
-        leaves the old content live or kept.
+        leaves the old content live or kept (swap.kept says what it holds).
         """
         *folders, name = path.split("/")
         parent = self._walk(folders, create=True)
@@ -3201,9 +3203,10 @@ class FileStore:
                             follow_symlinks=False)
                     swap.backup = backup
                     if keep is not None:
-                        swap.new_blob = self._link_blob(swap.backup, tmp_fd, keep)
-                        swap.blob = keep
-                        self._sync_blob_dirs([keep])
+                        swap.kept = self.keepable(keep, backup, tmp_fd)
+                        swap.blob = swap.kept.checksum
+                        swap.new_blob = self._link_blob(swap.backup, tmp_fd, swap.blob)
+                        self._sync_blob_dirs([swap.blob])
                 os.rename(staged.name, name, src_dir_fd=tmp_fd, dst_dir_fd=parent)
             except BaseException:
                 self._drop_new_blob(swap.blob if swap.new_blob else None)
@@ -3221,7 +3224,7 @@ class FileStore:
             os.close(tmp_fd)
         return swap
 
-    def swap_many(self, items: Sequence[tuple[StagedFile, str, str | None]]) -> list[Swap]:
+    def swap_many(self, items: Sequence[tuple[StagedFile, str, FileRecord | None]]) -> list[Swap]:
         """swap_in of each (staged, path, keep), then one fsync of each folder; on a failure
         the swaps made are undone and the error raised."""
         swaps: list[Swap] = []
@@ -3300,6 +3303,28 @@ class FileStore:
 
     def _blob_path(self, checksum: str) -> Path:
         return self.blob_dir / checksum[:2] / checksum
+
+    @staticmethod
+    def keepable(record: FileRecord, name: str, dir_fd: int) -> FileRecord:
+        """What keeping the file name (in dir_fd) as record's content keeps: record, or, when
+        the file is not what record says (its size or mtime: changed behind the server's
+        back, or renamed into place by a cluster node that died before its commit), its
+        own bytes, hashed now, so that a blob always holds what its checksum says."""
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            status = os.fstat(fd)
+            if record.mtime_ns < 0 or (status.st_size, status.st_mtime_ns) == (
+                    record.size, record.mtime_ns):
+                return record
+            hasher = hashlib.sha256()
+            while chunk := os.read(fd, CHUNK_SIZE):
+                hasher.update(chunk)
+        finally:
+            os.close(fd)
+        log.warning("%s was not what its record says (changed behind the server's back?): "
+                    "its own bytes are kept as the version", record.path)
+        return record._replace(checksum=hasher.hexdigest(), size=status.st_size,
+                               modified_time=status.st_mtime, mtime_ns=status.st_mtime_ns)
 
     def _link_blob(self, name: str, dir_fd: int, checksum: str) -> bool:
         """Hard-link a file into the blob store as checksum; False when that content is kept
@@ -3440,12 +3465,14 @@ class FileStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.tmp_dir / swap.backup)
 
-    def remove_many(self, paths: Sequence[str], keep: Mapping[str, str] | None = None) -> list[Removal]:
+    def remove_many(self, paths: Sequence[str],
+                    keep: Mapping[str, FileRecord] | None = None) -> list[Removal]:
         """Move paths out of the tree into tmp/, one walk and one fsync per folder; the
         paths not on disk are left out. On a failure, what was moved is put back.
 
-        keep: path -> checksum of the files to keep as versions: each is hard-linked
-        into the blob store, durably, before it leaves the tree.
+        keep: path -> record of the files to keep as versions: each is hard-linked
+        into the blob store, durably, before it leaves the tree (removal.kept says what
+        it holds).
         """
         removals: list[Removal] = []
         by_folder: dict[str, list[str]] = {}
@@ -3472,19 +3499,20 @@ class FileStore:
         return removals
 
     def _remove_from(self, parent: int, folder: str, names: Sequence[str], tmp_fd: int,
-                     keep: Mapping[str, str]) -> list[Removal]:
+                     keep: Mapping[str, FileRecord]) -> list[Removal]:
         """remove_many for the names of one folder."""
         pending = [Removal(f"{folder}/{name}" if folder else name, f"del-{uuid.uuid4().hex}")
                    for name in names]
         done: list[Removal] = []
         try:
             for removal in pending:
-                checksum = keep.get(removal.path)
-                if checksum is not None:
+                record = keep.get(removal.path)
+                if record is not None:
                     name = removal.path.rsplit("/", 1)[-1]
                     with contextlib.suppress(FileNotFoundError):      # gone: nothing to keep
-                        removal.new_blob = self._link_blob(name, parent, checksum)
-                        removal.blob = checksum
+                        kept = self.keepable(record, name, parent)
+                        removal.new_blob = self._link_blob(name, parent, kept.checksum)
+                        removal.blob, removal.kept = kept.checksum, kept
             self._sync_blob_dirs(r.blob for r in pending if r.new_blob and r.blob)
             for removal in pending:
                 try:
@@ -4696,8 +4724,7 @@ class Tree:
                 placing.append((item, live, await self._journal_upload(tx, item)))
         if not placing:
             return
-        keeps = [live.checksum if live is not None and self.keeps_versions else None
-                 for _, live, _ in placing]
+        keeps = [live if self.keeps_versions else None for _, live, _ in placing]
         try:
             swaps = await asyncio.to_thread(self.files.swap_many, [
                 (item.staged, item.upload.path, keep)
@@ -4726,11 +4753,12 @@ class Tree:
         live = self._check_upload(tx, item)
         if item.record is not None:
             return
-        keep = live.checksum if live is not None and self.keeps_versions else None
+        keep = live if self.keeps_versions else None
         try:
             swap = await asyncio.to_thread(self.files.swap_in, staged, upload.path, keep, False)
         except FolderBlocked as exc:
             raise PathBlocked(upload.path, f"{exc} is in the way") from None
+
         except OSError as exc:       # this file alone (swap_in undid itself): not the group
             refusal = self.failure(exc)
             if refusal is None:
@@ -4766,8 +4794,8 @@ class Tree:
         files, client_id = self.files, item.upload.client_id
         item.swap = swap
         tx.undo.append(lambda: files.undo_swap(swap))
-        if live is not None and swap.blob is not None:
-            await tx.record_version(live, record, "overwrite")
+        if live is not None and swap.kept is not None:
+            await tx.record_version(swap.kept, record, "overwrite")
         tx.after_commit.append(lambda: self.hub.publish(file_changed_event(record), client_id))
         item.record, item.created = record, live is None
 
@@ -4820,16 +4848,16 @@ class Tree:
         """In tx: move the targets out of the tree and leave their tombstones; announce them
         after the commit, or put the files back if it fails."""
         files, hub = self.files, self.hub
-        keep = {target.path: target.checksum for target in targets} if self.keeps_versions else {}
+        keep = {target.path: target for target in targets} if self.keeps_versions else {}
         removals = await asyncio.to_thread(
             files.remove_many, [target.path for target in targets], keep)
         tx.undo.append(lambda: [files.undo_remove(removal) for removal in reversed(removals)])
-        kept = {removal.path for removal in removals if removal.blob is not None}
+        kept = {removal.path: removal.kept for removal in removals if removal.kept is not None}
         tombs = []
         for target in targets:
             tomb = await tx.record_delete(target, client_id)
             if target.path in kept:
-                await tx.record_version(target, tomb, "delete")
+                await tx.record_version(kept[target.path], tomb, "delete")
             tombs.append(tomb)
             tx.after_commit.append(
                 lambda tomb=tomb: hub.publish(file_deleted_event(tomb), client_id))
@@ -8194,6 +8222,10 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
         return EXIT_STORAGE
     tasks = Background()
     loop = asyncio.get_running_loop()
+    # before the port opens: a SIGTERM the moment it does must stop us cleanly, not kill
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     try:
         descriptors = raise_descriptor_limit()
         cap = connection_cap(config.max_connections, descriptors)
@@ -8215,9 +8247,6 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
         if notifier.watchdog_interval:
             tasks.spawn(send_watchdog(notifier, notifier.watchdog_interval))
         tasks.spawn(send_status(notifier, state))
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         if load is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: tasks.spawn(reload_config(state, notifier, load)))
         await stop.wait()

@@ -140,6 +140,31 @@ async def test_an_old_revision_downloads_byte_exact_with_its_etag(client: Any) -
     assert ranged.status == 206 and await ranged.read() == old[10:20]
 
 
+async def test_a_file_changed_behind_the_servers_back_is_kept_under_its_own_checksum(
+        client: Any, data_dir: Path) -> None:
+    """A file edited in the tree while the server runs (or, in a cluster, renamed into
+    place by a node that died before its commit) is not what its record says: kept under
+    the record's checksum, the version would hold other bytes than it names. Overwritten
+    or deleted, it is kept under its own."""
+    await put(client, "doc.txt", b"one")
+    await put(client, "a/gone.txt", b"two")
+    (data_dir / "doc.txt").write_bytes(b"edited in the tree")
+    (data_dir / "a" / "gone.txt").write_bytes(b"edited too")
+    assert (await put(client, "doc.txt", b"three")).status == 200
+    assert (await client.delete("/files/a", params={"client_id": "laptop"})).status == 200
+    kept = (await versions(client, "doc.txt"))["versions"]
+    # "one" was written over in the tree itself: no bytes of it were left to keep
+    assert [version["checksum"] for version in kept] == [sha(b"edited in the tree")]
+    trash = (await (await client.get("/trash")).json())["files"]
+    assert [(entry["path"], entry["checksum"]) for entry in trash] == [
+        ("a/gone.txt", sha(b"edited too"))]
+    for path, entry in [("doc.txt", kept[0]), ("a/gone.txt", trash[0])]:
+        answer = await client.get(f"/download/{path}", params={"revision": str(entry["revision"])})
+        data = await answer.read()
+        assert sha(data) == entry["checksum"] and answer.headers["ETag"] == f'"{sha(data)}"'
+        assert entry["size"] == len(data)
+
+
 async def test_a_revision_not_kept_is_404(client: Any) -> None:
     await put(client, "a.txt", b"one")
     await put(client, "a.txt", b"two")
