@@ -593,7 +593,7 @@ class CountingProxy:
 
 
 class Nginx:
-    """nginx started for real, serving the README's site file in front of a daemon."""
+    """nginx started for real, serving one of the README's site files in front of daemons."""
 
     def __init__(self, work: Path, site_file: Path, servers: Sequence[Daemon], pki: PKI) -> None:
         """site_file as it is, but for its certificate, its port, and its upstream servers
@@ -633,7 +633,6 @@ class Nginx:
     def listening(self) -> bool:
         assert self.process.poll() is None, self.error_log.read_text(errors="replace")
         try:
-            import socket
             socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
             return True
         except OSError:
