@@ -2902,6 +2902,14 @@ def write_and_hash(fd: int, hasher: Any, data: bytes) -> None:
     hasher.update(data)
 
 
+def sha256_of(handle: Any) -> str:
+    """The SHA-256 of what is left to read of a binary file object."""
+    hasher = hashlib.sha256()
+    while chunk := handle.read(CHUNK_SIZE):
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
 def is_full(exc: BaseException) -> bool:
     """Whether an error is a full disk (or quota)."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -3310,20 +3318,16 @@ class FileStore:
         the file is not what record says (its size or mtime: changed behind the server's
         back, or renamed into place by a cluster node that died before its commit), its
         own bytes, hashed now, so that a blob always holds what its checksum says."""
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            status = os.fstat(fd)
+        with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=dir_fd), "rb") as handle:
+            status = os.fstat(handle.fileno())
             if record.mtime_ns < 0 or (status.st_size, status.st_mtime_ns) == (
                     record.size, record.mtime_ns):
                 return record
-            hasher = hashlib.sha256()
-            while chunk := os.read(fd, CHUNK_SIZE):
-                hasher.update(chunk)
-        finally:
-            os.close(fd)
+            checksum = sha256_of(handle)
         log.warning("%s was not what its record says (changed behind the server's back?): "
                     "its own bytes are kept as the version", record.path)
-        return record._replace(checksum=hasher.hexdigest(), size=status.st_size,
+        return record._replace(checksum=checksum, size=status.st_size,
                                modified_time=status.st_mtime, mtime_ns=status.st_mtime_ns)
 
     def _link_blob(self, name: str, dir_fd: int, checksum: str) -> bool:
@@ -3845,14 +3849,12 @@ def hash_steady(open_file: Callable[[], Any]) -> tuple[str, os.stat_result] | No
         try:
             with open_file() as handle:
                 before = os.fstat(handle.fileno())
-                hasher = hashlib.sha256()
-                while chunk := handle.read(CHUNK_SIZE):
-                    hasher.update(chunk)
+                checksum = sha256_of(handle)
                 after = os.fstat(handle.fileno())
         except FileNotFoundError:
             return None
         if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
-            return hasher.hexdigest(), after
+            return checksum, after
     return None
 
 

@@ -123,6 +123,33 @@ async def test_a_commit_whose_answer_is_lost_is_looked_up(
     assert (client.server.app[syncd.STATE].tree.files.root / "doc.txt").read_bytes() == expected
 
 
+async def test_a_commit_nobody_can_say_was_made_is_taken_as_not_made(
+        app_client: Any, postgres: Postgres, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The answer to COMMIT is lost and the database does not answer the look-up either:
+    the write is undone and refused (503), with an error that says what may be left."""
+    client = await app_client(database_url=postgres.new_database())
+    await put(client, "doc.txt", b"old")
+    store = client.server.app[syncd.STATE].tree.store
+
+    async def lose_the_answer(self: Any) -> None:
+        await self.rollback()
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of "
+                                                  "operation")
+
+    async def unreachable(*args: Any) -> list[Any]:
+        raise ConnectionRefusedError("the database is away")
+    monkeypatch.setattr(asyncpg.transaction.Transaction, "commit", lose_the_answer)
+    monkeypatch.setattr(store, "read", unreachable)
+    monkeypatch.setattr(syncd, "PG_LANDED_TRIES", 2)
+    answer = await put(client, "doc.txt", b"new")
+    monkeypatch.undo()
+    assert (await error_of(answer, 503))["error"] == "storage_unavailable"
+    assert "the database cannot say whether it was made" in caplog.text
+    assert (client.server.app[syncd.STATE].tree.files.root / "doc.txt").read_bytes() == b"old"
+    assert db_query_pg(client, "SELECT checksum FROM files") == [(sha(b"old"),)]
+
+
 def db_query_pg(client: Any, sql: str) -> list[tuple[Any, ...]]:
     """A query on the app's own PostgreSQL database (not the test's default one)."""
     return db_query_url(client.server.app[syncd.STATE].tree.store.url, sql)
