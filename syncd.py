@@ -138,7 +138,7 @@ WS_MESSAGE_BURST = 500.0        # ...with bursts of up to this many (a client th
                                 # notice per local change, copying a few hundred files)
 EXIT_CONFIG = 2                 # bad configuration: systemd must not restart us
 EXIT_MASS_VANISH = 3            # most known files are gone: an admin must look first
-EXIT_STORAGE = 4                # the tree or its database cannot be opened at start-up
+EXIT_STORAGE = 4                # the tree or its database cannot be opened; the node name is taken
 
 
 # ===========================================================================
@@ -1510,7 +1510,7 @@ class MetadataStore(abc.ABC):
 
     async def note_connection(self, client_id: str, opened: float, connected: bool) -> None:
         """Note that a client's WebSocket, opened at opened, is now open (or closed) on this
-        node."""
+        node; an open one replaces the client's older WebSocket on another node."""
 
     async def connected_elsewhere(self) -> set[str]:
         """The clients with a WebSocket open on another node."""
@@ -2066,14 +2066,21 @@ class SQLStore(MetadataStore):
         return [ClientRecord(*row) for row in rows]
 
     async def save_device(self, device: Device) -> None:
-        """Store or replace a device's record."""
-        await self._write(
-            f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET scope = excluded.scope,"
-            " token_hash = excluded.token_hash, created = excluded.created,"
-            " last_seen = excluded.last_seen, revoked = excluded.revoked",
-            (device.name, device.scope, device.token_hash, device.created, device.last_seen,
-             int(device.revoked)))
+        """Store or replace a device's record; the other nodes are told at its COMMIT."""
+        async with self.transaction(journal=False) as tx:
+            assert isinstance(tx, SQLTransaction)
+            await tx.sql.execute(
+                f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET scope = excluded.scope,"
+                " token_hash = excluded.token_hash, created = excluded.created,"
+                " last_seen = excluded.last_seen, revoked = excluded.revoked",
+                (device.name, device.scope, device.token_hash, device.created,
+                 device.last_seen, int(device.revoked)))
+            await self.notify_in(tx.sql, {"kind": "devices"})
+
+    async def notify_in(self, db: SQLConnection, message: dict[str, Any]) -> None:
+        """Hand message to the other nodes' on_message when db's transaction commits (one
+        node alone tells nobody)."""
 
     async def list_devices(self) -> list[Device]:
         """Every device, by name."""
@@ -2587,6 +2594,11 @@ class PostgresStore(SQLStore):
                 try:
                     await self._rejoin()
                     break
+                except StorageUnusable as exc:
+                    # Another node took this one's name (and so its temp folder) while the
+                    # connection was away: both must not serve.
+                    self.on_message({"kind": "name_taken", "error": str(exc)})
+                    return
                 except Exception as exc:
                     self._drop_node()
                     log.debug("database still unreachable: %s", exc)
@@ -2761,6 +2773,12 @@ class PostgresStore(SQLStore):
         await self.read("SELECT pg_notify(?, ?)",
                         (PG_CHANNEL, json.dumps({**message, "node": self.node})))
 
+    async def notify_in(self, db: SQLConnection, message: dict[str, Any]) -> None:
+        """NOTIFY the other nodes, in db's transaction: PostgreSQL sends it at COMMIT, so
+        a change and the notice of it are made, or lost, together."""
+        await db.execute("SELECT pg_notify(?, ?)",
+                         (PG_CHANNEL, json.dumps({**message, "node": self.node})))
+
     async def note_connection(self, client_id: str, opened: float, connected: bool) -> None:
         """Note where a client's WebSocket is open (its row), or that it closed. The newer
         connection's row wins, whichever note arrives first (two nodes note at once); this
@@ -2769,13 +2787,17 @@ class PostgresStore(SQLStore):
             await self._note_connection(client_id, opened, connected)
 
     async def _note_connection(self, client_id: str, opened: float, connected: bool) -> None:
-        if connected:
-            await self._write(
-                "INSERT INTO connections (client_id, node, node_key, since) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (client_id) DO UPDATE SET node = excluded.node,"
-                " node_key = excluded.node_key, since = excluded.since"
-                " WHERE connections.since <= excluded.since",
-                (client_id, self.node, lock_key(self.node), opened))
+        if connected:       # the row, and the notice that closes an older one elsewhere
+            async with self.transaction(journal=False) as tx:
+                assert isinstance(tx, SQLTransaction)
+                await tx.sql.execute(
+                    "INSERT INTO connections (client_id, node, node_key, since)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET"
+                    " node = excluded.node, node_key = excluded.node_key, since = excluded.since"
+                    " WHERE connections.since <= excluded.since",
+                    (client_id, self.node, lock_key(self.node), opened))
+                await self.notify_in(tx.sql, {"kind": "connected", "client_id": client_id,
+                                              "since": opened})
         else:
             await self._write("DELETE FROM connections WHERE client_id = ? AND node = ?"
                               " AND since = ?", (client_id, self.node, opened))
@@ -5585,7 +5607,6 @@ class Devices:
             self.by_hash.pop(current.token_hash, None)
         self.by_name[name], self.by_hash[device.token_hash] = device, device
         log.info("device %s enrolled (scope %s)", name, scope)
-        await self.tell_nodes()
         return device, token
 
     async def revoke(self, name: str) -> Device:
@@ -5597,18 +5618,7 @@ class Devices:
             await self.store.save_device(replace(device, revoked=True))
             device.revoked = True
             log.info("device %s revoked", name)
-            await self.tell_nodes()
         return device
-
-    async def tell_nodes(self) -> None:
-        """Have the other nodes read the devices again (the change is saved already: a node
-        that misses this reads them when its connection to the database comes back)."""
-        try:
-            await self.store.broadcast({"kind": "devices"})
-        except Exception as exc:
-            if self.store.failure(exc) is None:
-                raise
-            log.warning("could not tell the other nodes about the devices: %s", exc)
 
     def note_seen(self, device: Device) -> None:
         """The device made a request now."""
@@ -5719,6 +5729,8 @@ class State:
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
+    stop: asyncio.Event = field(default_factory=asyncio.Event)    # SIGTERM, or halt()
+    halted: str | None = None       # why the node stopped itself (it exits EXIT_STORAGE)
     accept_deletions: bool = False
     sync_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_SLOTS))
     tasks: Background = field(default_factory=Background)   # what runs beside the requests
@@ -5741,29 +5753,26 @@ def state_of(request: web.Request) -> State:
 
 # -- a cluster: what the nodes tell each other (one node alone tells nobody) ------------
 
-def tell_nodes(state: State, message: dict[str, Any] | None,
-               first: Callable[[], Awaitable[None]] | None = None) -> None:
-    """In the background: run first, then broadcast message to the other nodes. Neither is
-    worth failing a request for: a node that missed a message resyncs when it reconnects."""
-    async def telling() -> None:
+def tell_nodes(state: State, news: str, telling: Callable[[], Awaitable[None]]) -> None:
+    """Tell the other nodes news, by telling(), in the background: not worth failing a
+    request for (a node that missed it reads the connections again when it reconnects)."""
+    async def tell() -> None:
         try:
-            if first is not None:
-                await first()
-            if message is not None:
-                await state.tree.store.broadcast(message)
+            await telling()
         except Exception as exc:
             if state.tree.failure(exc) is None:
-                log.exception("telling the other nodes failed")
+                log.exception("telling the other nodes that %s failed", news)
             else:
-                log.warning("could not tell the other nodes (%s): %s",
-                            (message or {}).get("kind"), exc)
-    state.tasks.spawn(telling())
+                log.warning("could not tell the other nodes that %s: %s", news, exc)
+    state.tasks.spawn(tell())
 
 
 def announce(state: State, event: dict[str, Any], exclude: str | None) -> None:
     """An event about clients for every WebSocket but exclude's, on every node."""
     state.tree.hub.publish(event, exclude)
-    tell_nodes(state, {"kind": "event", "event": event, "exclude": exclude})
+    tell_nodes(state, f"{event['client_id']} {event['type'].removeprefix('client_')}",
+               lambda: state.tree.store.broadcast(
+                   {"kind": "event", "event": event, "exclude": exclude}))
 
 
 def hear_node(state: State, message: dict[str, Any]) -> None:
@@ -5775,6 +5784,15 @@ def hear_node(state: State, message: dict[str, Any]) -> None:
         hub.publish(message["event"], message.get("exclude"))
     elif kind in ("devices", "rejoined"):
         state.tasks.spawn(reload_devices(state, rejoined=kind == "rejoined"))
+    elif kind == "name_taken":
+        halt(state, str(message.get("error")))
+
+
+def halt(state: State, why: str) -> None:
+    """Stop serving, as on SIGTERM, and exit EXIT_STORAGE: this node cannot go on safely."""
+    log.error("stopping: %s", why)
+    state.halted = why
+    state.stop.set()
 
 
 async def reload_devices(state: State, rejoined: bool) -> None:
@@ -6883,7 +6901,7 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
         conn.device = device.name
     log.info("client %s connected", client_id)
     state = state_of(request)
-    tell_nodes(state, {"kind": "connected", "client_id": client_id, "since": conn.opened},
+    tell_nodes(state, f"{client_id} connected",
                lambda: tree.store.note_connection(client_id, conn.opened, True))
     try:
         async for msg in ws:
@@ -6897,7 +6915,7 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
             if not conn.replaced:
                 announce(state, {"type": "client_left", "client_id": client_id},
                          exclude=client_id)
-            tell_nodes(state, None,
+            tell_nodes(state, f"{client_id} disconnected",
                        lambda: tree.store.note_connection(client_id, conn.opened, False))
             log.info("client %s disconnected", client_id)
     return ws
@@ -8197,7 +8215,7 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
     """Serve until SIGTERM or SIGINT; SIGHUP reloads.
 
     0 on a clean stop, 1 if we cannot listen, EXIT_MASS_VANISH if recovery refused,
-    EXIT_STORAGE if the tree or the database cannot be opened.
+    EXIT_STORAGE if the tree or the database cannot be opened, or if the node halted.
     """
     notifier = Notifier(environ)
     app = make_app(config, accept_deletions)
@@ -8225,7 +8243,7 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
     tasks = Background()
     loop = asyncio.get_running_loop()
     # before the port opens: a SIGTERM the moment it does must stop us cleanly, not kill
-    stop = asyncio.Event()
+    stop = state.stop
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
@@ -8260,7 +8278,7 @@ async def run_daemon(config: Config, load: Callable[[], Config] | None = None,
         await runner.cleanup()
         notifier.close()
     log.info("stopped")
-    return 0
+    return EXIT_STORAGE if state.halted else 0
 
 
 # ===========================================================================

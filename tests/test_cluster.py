@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from conftest import (ROOT, Clients, Daemon, Nginx, PKI, Postgres, db_query_url,
                       wait_until, write)
 
 SITE = ROOT / "systemd" / "nginx-syncd-cluster.conf"
+ADMIN = {"Authorization": "Bearer admin"}
 
 
 @dataclass
@@ -81,6 +83,22 @@ async def close_code(ws: Any, timeout: float = 5.0) -> int:
         assert message.type != aiohttp.WSMsgType.CLOSED, "closed without a close frame"
         if message.type == aiohttp.WSMsgType.CLOSE:
             return int(message.data)
+
+
+async def device_on(to_a: Any, to_b: Any) -> tuple[Any, dict[str, str]]:
+    """Enrol the device "phone" through a; once b takes its token, its WebSocket on b and
+    its Authorization header."""
+    added = await to_a.post("/devices", json={"name": "phone"}, headers=ADMIN)
+    bearer = {"Authorization": f"Bearer {(await added.json())['token']}"}
+    for _ in range(100):                                    # b heard of the enrolment
+        if (await to_b.get("/files", headers=bearer)).status == 200:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("b never took the device's token")
+    ws = await to_b.ws_connect("/ws/phone", headers=bearer)
+    await ws.receive_json()
+    return ws, bearer
 
 
 def http(node: Daemon, method: str, path: str, body: bytes | None = None,
@@ -209,10 +227,12 @@ async def test_bytes_newer_than_the_record_send_a_node_to_the_database(
 
 
 async def test_a_node_back_on_the_database_notes_its_websockets_again(
-        app_client: Any, own_postgres: Postgres) -> None:
-    """PostgreSQL restarted: a node's own connection is re-made (which forgets the node's
-    WebSockets of before), then it notes the ones still open, so /clients on another node
-    still shows them; and it catches up with what was committed meanwhile."""
+        app_client: Any, own_postgres: Postgres, caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL away for several of the watcher's looks: the nodes answer 503 meanwhile
+    and try again; once it is back, a node's own connection is re-made (which forgets
+    the node's WebSockets of before), then it notes the ones still open, so /clients on
+    another node still shows them; and it catches up with what was committed meanwhile."""
+    caplog.set_level(logging.DEBUG, logger="syncd")
     to_a, to_b, store_b = await two_apps(app_client, own_postgres)
     store_a = to_a.server.app[syncd.STATE].tree.store
     assert (await to_a.post("/register", json={"client_id": "phone"})).status == 200
@@ -221,6 +241,13 @@ async def test_a_node_back_on_the_database_notes_its_websockets_again(
     await connected(to_b, [True])
     lost = store_a._node
     own_postgres.stop()
+    assert (await to_b.get("/health")).status == 503
+    assert (await put(to_b, "meanwhile.txt", b"no")).status == 503
+    for _ in range(150):                            # two failed tries to connect again
+        if caplog.text.count("database still unreachable") >= 4:
+            break
+        await asyncio.sleep(0.1)
+    assert caplog.text.count("database still unreachable") >= 4
     own_postgres.start()
     for _ in range(100):            # the watcher looks every PG_WATCH_INTERVAL seconds
         if store_a._node is not None and store_a._node is not lost \
@@ -231,6 +258,107 @@ async def test_a_node_back_on_the_database_notes_its_websockets_again(
     assert (await put(to_b, "after.txt", b"after")).status == 201
     assert (await next_event(ws))["path"] == "after.txt"
     await ws.close()
+
+
+async def test_a_catch_up_that_failed_is_tried_again(
+        app_client: Any, postgres: Postgres, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """b heard of a's commit, but its read of the journal failed (a pooled connection
+    broke, say): b tries again a second later, and its WebSocket gets the change."""
+    to_a, to_b, store_b = await two_apps(app_client, postgres)
+    await recovered(to_b)                   # whose last step would catch up, too
+    ws = await to_b.ws_connect("/ws/phone")
+    await ws.receive_json()
+    catch_up, failed = store_b.catch_up, []
+
+    async def failing_once() -> bool:
+        if not failed:
+            failed.append(True)
+            raise ConnectionError("connection reset")
+        return await catch_up()
+    monkeypatch.setattr(store_b, "catch_up", failing_once)
+    assert (await put(to_a, "late.txt", b"x")).status == 201
+    assert (await next_event(ws))["path"] == "late.txt"
+    assert failed and "could not catch up with the other nodes" in caplog.text
+    await ws.close()
+
+
+async def test_a_node_that_missed_a_revocation_while_away_applies_it_when_back(
+        app_client: Any, postgres: Postgres) -> None:
+    """b's connection to the database broke just as a revoked a device, so b never heard
+    of it: once b is back it reads the devices again, closes that device's WebSocket
+    (4003) and refuses its token."""
+    url = postgres.new_database()
+    to_a = await app_client(database_url=url, node_name="a", api_key="admin")
+    to_b = await app_client(database_url=url, node_name="b", api_key="admin")
+    ws, bearer = await device_on(to_a, to_b)
+    to_b.server.app[syncd.STATE].tree.store._node.terminate()   # b hears nothing until
+    assert (await to_a.delete("/devices/phone", headers=ADMIN)).status == 200  # it is back
+    assert await close_code(ws, timeout=4 * syncd.PG_WATCH_INTERVAL) == syncd.WS_CLOSE_REVOKED
+    assert (await to_b.get("/files", headers=bearer)).status == 401
+
+
+async def test_a_device_change_and_its_notice_are_one_commit(
+        app_client: Any, postgres: Postgres, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other nodes hear of an enrolment or a revocation from its own COMMIT, not from a
+    NOTIFY after it that can fail alone (then b would take a revoked token until its next
+    reconnection): with a's separate messages failing, b still hears of both."""
+    url = postgres.new_database()
+    to_a = await app_client(database_url=url, node_name="a", api_key="admin")
+    to_b = await app_client(database_url=url, node_name="b", api_key="admin")
+
+    async def unreachable(message: dict[str, Any]) -> None:
+        raise ConnectionError("the database went away")
+    monkeypatch.setattr(to_a.server.app[syncd.STATE].tree.store, "broadcast", unreachable)
+    ws, _ = await device_on(to_a, to_b)
+    assert (await to_a.delete("/devices/phone", headers=ADMIN)).status == 200
+    assert await close_code(ws) == syncd.WS_CLOSE_REVOKED
+
+
+async def test_a_message_to_the_other_nodes_that_fails_fails_no_request(
+        app_client: Any, postgres: Postgres, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The database went away just as a node noted a new WebSocket for the others: the
+    WebSocket stays, the failure is a warning (the node notes its WebSockets again when
+    its connection to the database comes back)."""
+    to_a = await app_client(database_url=postgres.new_database(), node_name="a")
+
+    async def unreachable(client_id: str, opened: float, connected: bool) -> None:
+        raise ConnectionError("the database went away")
+    monkeypatch.setattr(to_a.server.app[syncd.STATE].tree.store, "note_connection",
+                        unreachable)
+    ws = await to_a.ws_connect("/ws/laptop")
+    await ws.receive_json()
+    told = "could not tell the other nodes that laptop connected: the database went away"
+    for _ in range(100):                                    # told in the background
+        if told in caplog.text:
+            break
+        await asyncio.sleep(0.02)
+    assert told in caplog.text
+    await ws.send_json({"type": "heartbeat"})
+    assert (await ws.receive_json(timeout=5))["type"] == "heartbeat_ack"
+    await ws.close()
+
+
+async def test_a_node_that_cannot_read_the_devices_again_says_so_and_keeps_serving(
+        app_client: Any, postgres: Postgres, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Told that the devices changed, a node whose read of them fails (the database went
+    away again) logs a warning and goes on with what it knew; its next reconnection
+    reads them again."""
+    to_a = await app_client(database_url=postgres.new_database(), node_name="a")
+    state = to_a.server.app[syncd.STATE]
+
+    async def unreachable() -> None:
+        raise ConnectionError("the database went away")
+    monkeypatch.setattr(state.devices, "load", unreachable)
+    syncd.hear_node(state, {"kind": "devices", "node": "b"})
+    for _ in range(100):
+        if "could not read the devices again" in caplog.text:
+            break
+        await asyncio.sleep(0.02)
+    assert "could not read the devices again" in caplog.text
+    assert (await to_a.get("/health")).status == 200
 
 
 async def test_a_late_note_of_an_older_connection_does_not_hide_the_newer_one(
@@ -360,6 +488,31 @@ def test_two_nodes_with_one_name_are_refused(cluster: Cluster, tmp_path: Path) -
     assert http(other, "GET", "/health")[0] == 200
 
 
+async def test_a_node_whose_name_was_taken_while_it_was_away_stops(cluster: Cluster) -> None:
+    """The node's connections to the database broke and, meanwhile, another node took its
+    name (and so its temp folder): when the first finds that at its reconnection, it stops
+    (exit 4, no restart by systemd) and says why, rather than serve beside the other."""
+    import asyncpg
+    b = cluster.node("b")
+    other = await asyncpg.connect(cluster.url)
+    try:
+        await other.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        deadline = time.monotonic() + 5         # until b's old session has let the name go
+        while not await other.fetchval("SELECT pg_try_advisory_lock($1, $2)",
+                                       syncd.PG_NODE_LOCKS, syncd.lock_key("b")):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 15        # b's watcher looks every PG_WATCH_INTERVAL
+        while b.process.poll() is None:
+            assert time.monotonic() < deadline, b.log()
+            await asyncio.sleep(0.05)
+    finally:
+        await other.close()
+    assert b.process.returncode == syncd.EXIT_STORAGE, b.log()
+    assert "stopping: another syncd node named b uses this database" in b.log()
+
+
 # -- clients, WebSockets and devices across nodes -------------------------------------------
 
 async def test_a_second_connection_on_another_node_replaces_the_first(cluster: Cluster) -> None:
@@ -401,19 +554,10 @@ def test_a_node_killed_is_not_believed_to_hold_its_clients(cluster: Cluster) -> 
 async def test_a_device_enrolled_or_revoked_on_one_node_counts_on_the_other(
         cluster: Cluster) -> None:
     a, b = cluster.node("a", "--api-key", "admin"), cluster.node("b", "--api-key", "admin")
-    admin = {"Authorization": "Bearer admin"}
     async with session(a) as to_a, session(b) as to_b:
-        added = await to_a.post("/devices", json={"name": "phone"}, headers=admin)
-        token = (await added.json())["token"]
-        bearer = {"Authorization": f"Bearer {token}"}
-        deadline = time.monotonic() + 5
-        while (await to_b.get("/files", headers=bearer)).status != 200:   # b heard of it
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-        ws = await to_b.ws_connect("/ws/phone", headers=bearer)
-        await ws.receive_json()
+        ws, bearer = await device_on(to_a, to_b)
         started = time.monotonic()
-        assert (await to_a.delete("/devices/phone", headers=admin)).status == 200
+        assert (await to_a.delete("/devices/phone", headers=ADMIN)).status == 200
         assert await close_code(ws) == syncd.WS_CLOSE_REVOKED
         assert time.monotonic() - started < 1
         assert (await to_b.get("/files", headers=bearer)).status == 401
@@ -483,6 +627,43 @@ async def test_a_resumable_upload_goes_on_through_another_node(cluster: Cluster)
                                 headers={**patch, "Upload-Offset": "2000000"})
         assert last.status == 204, await last.text()
         assert await (await to_a.get("/download/big.bin")).read() == data
+
+
+async def test_a_patch_goes_on_when_its_claim_cannot_be_let_go(
+        app_client: Any, postgres: Postgres, tmp_path: Path) -> None:
+    """b's own connection, which holds the upload's claim, broke while a PATCH was being
+    written: the bytes are kept and acknowledged all the same (the claim went with the
+    connection, which b lets go and makes again), and the upload goes on through a."""
+    to_a, to_b, store_b = await two_apps(app_client, postgres)
+    data, tus = os.urandom(300_000), {"Tus-Resumable": "1.0.0"}
+    created = await to_b.post("/uploads/", headers={
+        **tus, "Upload-Length": str(len(data)), "X-Client-Id": "laptop",
+        "Upload-Metadata": f"relative_path {b64(b'big.bin')},client_id {b64(b'laptop')}"})
+    assert created.status == 201, await created.text()
+    upload_id = created.headers["Location"].rsplit("/", 1)[1]
+    patch = {**tus, "Content-Type": "application/offset+octet-stream"}
+    release = asyncio.Event()
+
+    async def slow_body() -> Any:
+        yield data[:100_000]
+        await release.wait()
+        yield data[100_000:200_000]
+    held = asyncio.ensure_future(to_b.patch(f"/uploads/{upload_id}", data=slow_body(),
+                                            headers={**patch, "Upload-Offset": "0"}))
+    partial = tmp_path / "data" / ".syncd" / "uploads" / upload_id
+    for _ in range(200):
+        if partial.exists() and partial.stat().st_size >= 100_000:
+            break
+        await asyncio.sleep(0.01)
+    store_b._node.terminate()
+    release.set()
+    answer = await held
+    assert (answer.status, answer.headers.get("Upload-Offset")) == (204, "200000"), \
+        await answer.text()
+    last = await to_a.patch(f"/uploads/{upload_id}", data=data[200_000:],
+                            headers={**patch, "Upload-Offset": "200000"})
+    assert last.status == 204, await last.text()
+    assert await (await to_b.get("/download/big.bin")).read() == data
 
 
 # -- the database goes away; nodes restart behind nginx -----------------------------------
