@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import PKI, ROOT, Clients, Daemon, free_port, tree, wait_until, write
+from conftest import (PKI, ROOT, Clients, Daemon, free_port, http_request, tree, wait_until,
+                      write)
 
 
 @pytest.fixture
@@ -152,3 +153,24 @@ def test_a_ca_file_that_cannot_be_read_is_exit_2(tmp_path: Path) -> None:
                                  "--ca-file", str(tmp_path / "missing.pem")],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and "No such file" in result.stderr
+
+
+def test_turning_tls_on_or_off_takes_a_restart(daemon: Any, pki: PKI, tmp_path: Path) -> None:
+    """A reload cannot turn TLS on or off (the listening socket is made at start): it
+    says so, and the server goes on as it started."""
+    cert, key = pki.server("server")
+    tls = {"tls_cert_file": str(cert), "tls_key_file": str(key)}
+    for before, after, base in (({}, tls, tmp_path / "on"), (tls, {}, tmp_path / "off")):
+        base.mkdir()
+        config = base / "syncd.toml"
+        config.write_text("".join(f'{key} = "{value}"\n' for key, value in before.items()))
+        server = daemon("--config", str(config), base=base)
+        config.write_text("".join(f'{key} = "{value}"\n' for key, value in after.items()))
+        server.process.send_signal(signal.SIGHUP)
+        wait_until(lambda server=server: "configuration reloaded" in server.log(), "reload")
+        assert ("tls_cert_file changed in the configuration: it takes effect after a restart"
+                in server.log())
+        if before:
+            assert served_certificate(server.port) == pem_to_der(cert)
+        else:
+            assert http_request(server.port, "GET", "/health", None, {})[0] == 200
