@@ -4474,6 +4474,7 @@ PRUNE_INTERVAL = 60.0     # seconds between two rounds of retention
 PRUNE_PATHS = 500         # paths whose versions one round thins
 PRUNE_BATCH = 500         # versions one step of age-out or of the size cap removes
 PRUNE_ROUNDS = 4          # size-cap steps one round may take
+MOVES_INTERVAL = 5.0      # seconds between two looks for moves cut short (a node died)
 
 
 def versions_to_thin(candidates: Sequence[tuple[Version, bool]], now: float,
@@ -4535,6 +4536,7 @@ class Tree:
         self._pending: list[PendingUpload] = []     # uploads waiting for a group commit
         self._committing: asyncio.Future[None] | None = None
         self._pruner: asyncio.Future[None] | None = None
+        self._mover: asyncio.Future[None] | None = None
         store.on_change = self._announce_remote
 
     def configure(self, config: Config) -> None:
@@ -4580,6 +4582,7 @@ class Tree:
         self.rehashing = recovery.pending
         self.recovery = self.background.spawn(self._finish_recovery(recovery, removed))
         self._pruner = asyncio.ensure_future(self._prune_forever())
+        self._mover = asyncio.ensure_future(self._finish_moves_forever())
         log.info("serving %s (epoch %s, cursor %d)", root.resolve(), self.store.epoch,
                  self.store.cursor)
 
@@ -4587,10 +4590,11 @@ class Tree:
         """Stop the rehash, close the WebSockets, let writes finish, close the stores."""
         if self.recovery is not None:
             self.recovery.cancel()
-        if self._pruner is not None:
-            self._pruner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pruner
+        for loop in (self._pruner, self._mover):
+            if loop is not None:
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
         await self.hub.close_all()
         await self.background.wait()
         await self.store.close()
@@ -4929,9 +4933,9 @@ class Tree:
             except BaseException:
                 if await asyncio.to_thread(self._moved_back, source, target):
                     await self._forget_move(source)
-                else:      # the note stays: the next start finishes the move
+                else:      # the note stays: _finish_moves_forever finishes the move
                     log.error("the move of %s to %s failed and could not be undone on disk: "
-                              "it is finished at the next start", source, target)
+                              "it is finished once the database answers", source, target)
                 raise
         log.info("moved %s to %s (%d file(s), revision %d) for %s", source, target, len(moves),
                  last, client_id)
@@ -5003,8 +5007,9 @@ class Tree:
             log.error("could not forget the failed move of %s: %s", source, exc)
 
     async def finish_moves(self) -> None:
-        """At start, before recovery looks for vanished files: a move noted but not journalled
-        is journalled if its rename is on disk (only the target there), else forgotten."""
+        """A move noted but not journalled is journalled if its rename is on disk (only the
+        target there), else forgotten. At start, before recovery looks for vanished files;
+        later, under exclusive() (where no move is under way)."""
         for source, target, client_id in await self.store.pending_moves():
             renamed = await asyncio.to_thread(self._moved_back, target, source)
             moves = []
@@ -5179,6 +5184,22 @@ class Tree:
                 log.error("retention stopped for a while: %s", exc)
                 pruned = 0
             await asyncio.sleep(1.0 if pruned >= PRUNE_BATCH else PRUNE_INTERVAL)
+
+    async def _finish_moves_forever(self) -> None:
+        """Finish, within seconds, a move cut short: its node died between its rename and
+        its commit (in a cluster, the other nodes serve on), or its commit failed and its
+        rename could not be undone. A move under way has a note too, but it holds
+        exclusive() until the note is gone: finish_moves, under it, sees only leftovers."""
+        while True:
+            await asyncio.sleep(MOVES_INTERVAL)
+            try:
+                if await self.store.pending_moves():
+                    async with self._locked(), self.store.exclusive():
+                        await self.finish_moves()
+            except Exception as exc:
+                if self.failure(exc) is None:
+                    raise
+                log.error("could not finish the moves cut short (tried again later): %s", exc)
 
     @contextlib.asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:

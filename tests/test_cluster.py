@@ -586,6 +586,31 @@ async def test_a_move_through_one_node_keeps_its_versions_on_the_other(cluster: 
         await ws.close()
 
 
+async def test_a_move_whose_node_died_half_way_is_finished_by_another(cluster: Cluster) -> None:
+    """a died between a move's rename and its commit (what it leaves: the move's note and
+    the folder at its new path): b finishes the move within seconds, not at a's restart."""
+    a, b = cluster.node("a"), cluster.node("b")
+    async with session(b) as to_b:
+        for name in ("1.txt", "2.txt"):
+            assert (await put(to_b, f"docs/{name}", name.encode())).status == 201, b.log()
+        ws = await to_b.ws_connect("/ws/watcher")
+        await ws.receive_json()
+        a.process.kill()
+        a.process.wait(timeout=10)
+        db_query_url(cluster.url, "INSERT INTO moves (source, target, client_id, time)"
+                     " VALUES (?, ?, ?, ?)", ("docs", "papers", "laptop", time.time()))
+        (b.data / "docs").rename(b.data / "papers")
+        events = [await next_event(ws, timeout=4 * syncd.MOVES_INTERVAL) for _ in range(4)]
+        assert sorted((e["type"], e["path"]) for e in events) == [
+            ("file_changed", "papers/1.txt"), ("file_changed", "papers/2.txt"),
+            ("file_deleted", "docs/1.txt"), ("file_deleted", "docs/2.txt")]
+        listed = (await (await to_b.get("/files")).json())["files"]
+        assert sorted(entry["path"] for entry in listed) == ["papers/1.txt", "papers/2.txt"]
+        assert await (await to_b.get("/download/papers/2.txt")).read() == b"2.txt"
+        assert db_query_url(cluster.url, "SELECT source FROM moves") == []
+        await ws.close()
+
+
 async def test_a_resumable_upload_goes_on_through_another_node(cluster: Cluster) -> None:
     a, b = cluster.node("a"), cluster.node("b")
     data = os.urandom(3_000_000)
