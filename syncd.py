@@ -855,6 +855,12 @@ class StorageFailing(Refused):
         self.retry_after = retry_after
 
 
+def changed_behind_our_back(path: str) -> StorageFailing:
+    """503 for a download of bytes that are being hashed (Tree._adopt)."""
+    return StorageFailing(f"{path} changed on disk behind the server's back and is being "
+                          "checked; retry shortly", retry_after=5)
+
+
 class WrongOffset(Refused):
     """A resumable upload's chunk that does not start where the upload stands (tus 409)."""
 
@@ -4530,6 +4536,8 @@ class Tree:
         self.background = Background()
         self.recovery: asyncio.Future[None] | None = None  # the background half of recovery
         self.rehashing: set[str] = set()    # paths whose record may be stale until rehashed
+        self.adopting: set[str] = set()     # paths whose bytes are not their record's, being hashed
+        self._adoptions = Background()      # their hashing (stopped at close, as the rehash is)
         self._write_lock = asyncio.Lock()
         self._writes = 0
         self._thinned_up_to = ""            # the retention's place among the paths
@@ -4590,6 +4598,7 @@ class Tree:
         """Stop the rehash, close the WebSockets, let writes finish, close the stores."""
         if self.recovery is not None:
             self.recovery.cancel()
+        await self._adoptions.cancel()
         for loop in (self._pruner, self._mover):
             if loop is not None:
                 loop.cancel()
@@ -5248,6 +5257,8 @@ class Tree:
         if path in self.rehashing:
             raise StorageFailing(f"{path} changed on disk while the server was stopped and is "
                                  "being checked; retry shortly", retry_after=5)
+        if path in self.adopting:
+            raise changed_behind_our_back(path)
         if self.store.behind():
             await self.store.catch_up()
         # In a cluster, a client told of a change by another node may ask this one before
@@ -5259,10 +5270,40 @@ class Tree:
             if not await self.store.catch_up():
                 raise
             return await self._open_committed(path)
-        if not self.files.describes(handle, record) and await self.store.catch_up():
+        if not self.files.describes(handle, record):
             handle.close()
-            return await self._open_committed(path)
+            if await self.store.catch_up():
+                return await self._open_committed(path)
+            self._adopt(path, record)
+            raise changed_behind_our_back(path)
         return handle, record
+
+    def _adopt(self, path: str, record: FileRecord) -> None:
+        """Bytes at path that are not its record's, and nothing newer in the journal: a
+        node died between its rename into place and its commit, or someone wrote into the
+        tree behind the server's back. Never serve them under the record: hash them and
+        journal them in the background, as start-up recovery does (a client's write
+        meanwhile wins); downloads of path answer 503 until then."""
+        if path in self.adopting:
+            return
+        self.adopting.add(path)
+        log.warning("%s on disk is not what its record says (size %d, mtime %s): hashing "
+                    "it to journal it as a change", path, record.size, record.mtime_ns)
+        recovery = Recovery(RecoveryReport(), [(path, record)])
+
+        async def adopt() -> None:
+            try:
+                report = await rehash_suspects(
+                    self._writing, self.files, recovery,
+                    lambda record: self.hub.publish(file_changed_event(record)))
+                log.info("%s checked: %s", path, report.summary())
+            except Exception as exc:
+                if self.failure(exc) is None:
+                    raise
+                log.error("could not journal the bytes found at %s: %s", path, exc)
+            finally:
+                self.adopting.discard(path)
+        self._adoptions.spawn(adopt())
 
     async def _open_committed(self, path: str) -> tuple[Any, FileRecord]:
         """open_for_read, as the index stands."""

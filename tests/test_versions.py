@@ -165,6 +165,33 @@ async def test_a_file_changed_behind_the_servers_back_is_kept_under_its_own_chec
         assert entry["size"] == len(data)
 
 
+async def test_a_file_changed_behind_the_servers_back_is_journalled_not_served_as_recorded(
+        client: Any, data_dir: Path) -> None:
+    """A download finds bytes that are not its record's (size and mtime), with nothing
+    newer in the journal: it answers 503 rather than send them under the record's
+    checksum; the bytes are hashed and journalled as a change, announced, and served as
+    theirs from then on."""
+    assert (await put(client, "doc.txt", b"one")).status == 201
+    ws = await client.ws_connect("/ws/watcher")
+    await ws.receive_json()
+    (data_dir / "doc.txt").write_bytes(b"edited in the tree")
+    answer = await client.get("/download/doc.txt")
+    assert answer.status == 503 and answer.headers["Retry-After"] == "5"
+    assert "changed on disk behind the server's back" in (await answer.json())["message"]
+    event = await ws.receive_json(timeout=5)
+    assert (event["type"], event["path"], event["checksum"]) == (
+        "file_changed", "doc.txt", sha(b"edited in the tree"))
+    answer = await client.get("/download/doc.txt")
+    assert await answer.read() == b"edited in the tree"
+    assert answer.headers["ETag"] == f'"{sha(b"edited in the tree")}"'
+    # "one" was written over in the tree itself: no bytes of it were left to keep
+    assert (await versions(client, "doc.txt"))["versions"] == []
+    changes = (await (await client.get("/changes", params={"since": "0"})).json())["changes"]
+    assert [(change["path"], change["checksum"]) for change in changes] == [
+        ("doc.txt", sha(b"one")), ("doc.txt", sha(b"edited in the tree"))]
+    await ws.close()
+
+
 async def test_a_revision_not_kept_is_404(client: Any) -> None:
     await put(client, "a.txt", b"one")
     await put(client, "a.txt", b"two")
