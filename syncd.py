@@ -9637,6 +9637,12 @@ class SyncClient:
                         hello = await ws.receive(timeout=30)
                         epoch = from_server(lambda: str(json.loads(hello.data)["epoch"]),
                                             "WebSocket hello")
+                        # Armed before the pass (which takes self.lock before the watcher
+                        # first runs): a file changed while a long first pass runs is pushed
+                        # after it, not left until the next reconnection.
+                        if watcher is None or watcher.done():
+                            watcher = asyncio.ensure_future(self.watch())
+                            watcher.add_done_callback(watcher_done)
                         with self.state.batch():
                             if first or epoch != self.state.get("epoch"):
                                 report = await self.full_pass()
@@ -9645,9 +9651,6 @@ class SyncClient:
                                 report = await self.catch_up()
                         self.note_outcome(report)
                         print(report.summary(), flush=True)
-                        if watcher is None or watcher.done():
-                            watcher = asyncio.ensure_future(self.watch())
-                            watcher.add_done_callback(watcher_done)
                         delay = 1.0
                         client_log.info("live server=%s cursor=%d", self.server, self.state.cursor)
                         await self.listen(ws)

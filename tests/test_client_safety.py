@@ -282,3 +282,41 @@ async def test_a_bug_in_the_watcher_stops_the_live_client(
             await asyncio.gather(running, return_exceptions=True)
     assert running.result() == syncd.EXIT_CLIENT_FAILED
     assert "internal error" in caplog.text and "a bug in the watcher" in caplog.text
+
+
+async def test_a_file_changed_during_the_first_pass_is_pushed_after_it(
+        aiohttp_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first pass of a live client may take long (a first sync of many files): a file
+    edited while it runs, after the pass read it, is pushed once the pass is over, not
+    left until the next reconnection."""
+    server = await aiohttp_server(syncd.make_app(make_config(tmp_path)))
+    folder = tmp_path / "mine"
+    write(folder, "doc.txt", b"before")
+    carry_out = syncd.SyncClient.carry_out
+
+    async def then_edited(self: Any, *args: Any) -> None:
+        await carry_out(self, *args)
+        if (folder / "doc.txt").read_bytes() == b"before":     # the first pass only
+            write(folder, "doc.txt", b"edited while the first pass ran")
+            await asyncio.sleep(1.0)        # the pass goes on (a watcher debounces 300 ms)
+    monkeypatch.setattr(syncd.SyncClient, "carry_out", then_edited)
+    running = asyncio.ensure_future(syncd.run_client(client_args(str(folder), server, "dev"),
+                                                     None))
+    try:
+        for _ in range(100):                                    # 10 s at most
+            answer = await server_get(server, "/download/doc.txt")
+            if answer == b"edited while the first pass ran" or running.done():
+                break
+            await asyncio.sleep(0.1)
+        assert answer == b"edited while the first pass ran"
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def server_get(server: Any, path: str) -> bytes | None:
+    """The body of a GET on server, or None unless 200."""
+    import aiohttp
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.make_url(path)) as answer:
+            return await answer.read() if answer.status == 200 else None
