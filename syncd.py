@@ -3396,21 +3396,33 @@ class FileStore:
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
 
-    def stage_blob(self, checksum: str) -> StagedFile:
+    def stage_blob(self, checksum: str, live_copy: str | None = None) -> StagedFile:
         """A copy of a kept content as a new temp file, hashed on the way (a restore writes a
-        new file: the blob is never put back into the tree, where it could be edited)."""
+        new file: the blob is never put back into the tree, where it could be edited). When
+        it is not kept: a copy of the live file live_copy, if that hashes to checksum."""
+        try:
+            source, kept = self.open_blob(checksum), True
+        except NotRegular:
+            if live_copy is None:
+                raise
+            source, kept = self.open_read(live_copy), False
         staged = StagedFile(*self._make_temp())
         fd = staged.fd
         hasher = hashlib.sha256()
         try:
-            with self.open_blob(checksum) as source:
+            with source:
                 while chunk := source.read(CHUNK_SIZE):
                     write_and_hash(fd, hasher, chunk)
                     staged.size += len(chunk)
+            staged.checksum = hasher.hexdigest()
+            if staged.checksum != checksum:      # a live file may have changed since its record
+                if kept:
+                    log.error("the kept content %s is damaged: its bytes hash to %s",
+                              checksum, staged.checksum)
+                raise NotRegular(checksum)
         except BaseException:
             self.discard(staged)
             raise
-        staged.checksum = hasher.hexdigest()
         return staged
 
     # -- the reserve: space a full disk gives back, so that versions can be pruned --
@@ -4467,6 +4479,7 @@ class RestorePlan:
     restore: list[tuple[str, Change, FileRecord | None]] = field(default_factory=list)
     delete: list[tuple[str, FileRecord]] = field(default_factory=list)
     unavailable: list[str] = field(default_factory=list)
+    live_copies: dict[str, str] = field(default_factory=dict)   # checksum -> a live path
 
     def to_json(self, cursor: int) -> dict[str, Any]:
         """The answer to a dry run (ours)."""
@@ -5047,11 +5060,13 @@ class Tree:
                                            client_id, pre)
 
     async def _restore_content(self, path: str, checksum: str, modified_time: float,
-                               client_id: str, pre: Precondition) -> tuple[FileRecord, bool]:
-        """store_upload of a copy of kept content (so that the replaced content is kept in turn)."""
+                               client_id: str, pre: Precondition,
+                               live_copy: str | None = None) -> tuple[FileRecord, bool]:
+        """store_upload of a copy of kept content (so that the replaced content is kept in
+        turn); when it is not kept, of the live file live_copy if that still holds it."""
         try:
             staged = await self._retry_when_full(
-                lambda: asyncio.to_thread(self.files.stage_blob, checksum), 0)
+                lambda: asyncio.to_thread(self.files.stage_blob, checksum, live_copy), 0)
         except NotRegular:
             raise NotFound(f"the content of {path} is no longer kept") from None
         return await self.store_upload(staged, Upload(path, client_id, modified_time, checksum, pre))
@@ -5072,9 +5087,20 @@ class Tree:
             elif live is None or live.checksum != was.checksum:
                 if await self.store.has_blob(was.checksum):
                     plan.restore.append((path, was, current))
+                    continue
+                # Not kept as a version: it may be live elsewhere (a move keeps no version).
+                if not plan.live_copies:
+                    plan.live_copies = self._live_copies()
+                if was.checksum in plan.live_copies:
+                    plan.restore.append((path, was, current))
                 else:
                     plan.unavailable.append(path)
         return plan
+
+    def _live_copies(self) -> dict[str, str]:
+        """For each content some live file holds: one such file's path."""
+        return {record.checksum: record.path
+                for record in self.store.index.records.values() if not record.deleted}
 
     async def restore_at(self, prefix: str, at: int, client_id: str,
                          delete_newer: bool) -> PointInTime:
@@ -5094,7 +5120,8 @@ class Tree:
             try:
                 await self._restore_content(path, was.checksum, was.modified_time, client_id,
                                             Precondition(base_checksum=now.checksum if now
-                                                         else current.checksum if current else ""))
+                                                         else current.checksum if current else ""),
+                                            plan.live_copies.get(was.checksum))
                 result.restored += 1
             except (Conflict, CaseConflict):
                 result.blocked.append(path)
@@ -5291,11 +5318,13 @@ class Tree:
                     "it to journal it as a change", path, record.size, record.mtime_ns)
         recovery = Recovery(RecoveryReport(), [(path, record)])
 
+        def announce(record: FileRecord) -> None:
+            self.adopting.discard(path)     # servable before the event says it changed
+            self.hub.publish(file_changed_event(record))
+
         async def adopt() -> None:
             try:
-                report = await rehash_suspects(
-                    self._writing, self.files, recovery,
-                    lambda record: self.hub.publish(file_changed_event(record)))
+                report = await rehash_suspects(self._writing, self.files, recovery, announce)
                 log.info("%s checked: %s", path, report.summary())
             except Exception as exc:
                 if self.failure(exc) is None:

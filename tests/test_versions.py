@@ -349,6 +349,42 @@ async def test_a_point_in_time_restore_reports_content_no_longer_kept(client: An
     assert body["unavailable"] == ["a.txt"] and body["restored"] == 0
 
 
+async def test_a_point_in_time_restore_to_before_a_move_takes_the_content_where_it_lives(
+        client: Any) -> None:
+    """A folder moved away after the moment: its files' content then is live at their new
+    paths (a move keeps no version of them), and a restore copies it from there; the
+    moved files stay where they are. Content that lives nowhere any more is unavailable."""
+    await put(client, "docs/a.txt", b"alpha")
+    await put(client, "docs/b.txt", b"beta")
+    at = (await (await client.get("/health")).json())["cursor"]
+    moved = await client.post("/move", json={"from": "docs", "to": "papers",
+                                             "client_id": "laptop"})
+    assert moved.status == 200, await moved.text()
+    await put(client, "papers/b.txt", b"beta, edited in place")   # b's content then: a version
+    removed = await client.delete("/versions/papers/b.txt", params={"client_id": "x"})
+    assert removed.status == 200                                 # ... and that one removed
+    preview = await (await restore(client, prefix="docs", at=at, dry_run=True)).json()
+    assert (preview["restore"], preview["unavailable"]) == (["docs/a.txt"], ["docs/b.txt"])
+    body = await (await restore(client, prefix="docs", at=at)).json()
+    assert (body["restored"], body["unavailable"], body["blocked"]) == (1, ["docs/b.txt"], [])
+    assert await (await client.get("/download/docs/a.txt")).read() == b"alpha"
+    assert await (await client.get("/download/papers/a.txt")).read() == b"alpha"
+
+
+async def test_a_damaged_kept_content_is_not_restored(client: Any, data_dir: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A blob whose bytes no longer hash to its name (the disk damaged it) is never put
+    back in the tree: 404, and an error in the log."""
+    await put(client, "a.txt", b"v1")
+    await put(client, "a.txt", b"v2")
+    blob(data_dir, b"v1").chmod(0o600)
+    blob(data_dir, b"v1").write_bytes(b"v?")
+    answer = await restore(client, path="a.txt", revision=1)
+    assert (await error_of(answer, 404))["error"] == "not_found"
+    assert f"the kept content {sha(b'v1')} is damaged" in caplog.text
+    assert await (await client.get("/download/a.txt")).read() == b"v2"
+
+
 # -- removing versions ---------------------------------------------------------------
 
 async def test_delete_versions_removes_one_or_all_and_their_blobs(client: Any, data_dir: Path) -> None:
