@@ -3400,16 +3400,11 @@ class FileStore:
         """A copy of a kept content as a new temp file, hashed on the way (a restore writes a
         new file: the blob is never put back into the tree, where it could be edited). When
         it is not kept: a copy of the live file live_copy, if that hashes to checksum."""
-        try:
-            source, kept = self.open_blob(checksum), True
-        except NotRegular:
-            if live_copy is None:
-                raise
-            source, kept = self.open_read(live_copy), False
         staged = StagedFile(*self._make_temp())
         fd = staged.fd
         hasher = hashlib.sha256()
         try:
+            source, kept = self._kept_or_live(checksum, live_copy)
             with source:
                 while chunk := source.read(CHUNK_SIZE):
                     write_and_hash(fd, hasher, chunk)
@@ -3424,6 +3419,16 @@ class FileStore:
             self.discard(staged)
             raise
         return staged
+
+    def _kept_or_live(self, checksum: str, live_copy: str | None) -> tuple[Any, bool]:
+        """The kept content open for reading, or else the live file live_copy; and whether
+        it is the kept one."""
+        try:
+            return self.open_blob(checksum), True
+        except NotRegular:
+            if live_copy is None:
+                raise
+            return self.open_read(live_copy), False
 
     # -- the reserve: space a full disk gives back, so that versions can be pruned --
 
@@ -5318,9 +5323,9 @@ class Tree:
                     "it to journal it as a change", path, record.size, record.mtime_ns)
         recovery = Recovery(RecoveryReport(), [(path, record)])
 
-        def announce(record: FileRecord) -> None:
+        def announce(journalled: FileRecord) -> None:
             self.adopting.discard(path)     # servable before the event says it changed
-            self.hub.publish(file_changed_event(record))
+            self.hub.publish(file_changed_event(journalled))
 
         async def adopt() -> None:
             try:
