@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -208,3 +209,34 @@ async def test_a_move_that_cannot_be_undone_is_finished_at_the_next_start(
     assert on_disk(data_dir) == {"moved/a": b"a"}
     client = await app_client()
     assert await listing(client) == {"moved/a": sha(b"a")}
+
+
+async def test_a_move_that_cannot_be_undone_is_finished_while_the_server_runs(
+        app_client: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The same failure, the server left running: its look for moves cut short (every
+    MOVES_INTERVAL) journals the move once the database answers again."""
+    monkeypatch.setattr(syncd, "MOVES_INTERVAL", 0.1)
+    client = await app_client()
+    await put(client, "dir/a", b"a")
+    real_rename = syncd.FileStore.rename
+
+    def rename_once(self: Any, source: str, target: str) -> None:
+        if source == "moved":
+            raise OSError(5, "Input/output error")        # the undo fails
+        real_rename(self, source, target)
+
+    async def failing(*args: Any) -> None:
+        raise RuntimeError("a bug between the rename and the commit")
+    with monkeypatch.context() as broken:
+        broken.setattr(syncd.FileStore, "rename", rename_once)
+        broken.setattr(syncd.SQLTransaction, "move_versions", failing)
+        assert (await move(client, "dir", "moved")).status == 500
+    assert "could not be undone on disk: it is finished once the database answers" in caplog.text
+    for _ in range(100):
+        if await listing(client) == {"moved/a": sha(b"a")}:
+            break
+        await asyncio.sleep(0.05)
+    assert await listing(client) == {"moved/a": sha(b"a")}
+    assert db_query(data_dir, "SELECT COUNT(*) FROM moves") == [(0,)]
+    assert await (await client.get("/download/moved/a")).read() == b"a"
