@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import syncd
-from conftest import db_query, error_of, put, sha, tmp_files, upload
+from conftest import database_error, db_query, error_of, put, sha, tmp_files, upload
 
 
 def blob(data_dir: Path, data: bytes) -> Path:
@@ -190,6 +190,34 @@ async def test_a_file_changed_behind_the_servers_back_is_journalled_not_served_a
     assert [(change["path"], change["checksum"]) for change in changes] == [
         ("doc.txt", sha(b"one")), ("doc.txt", sha(b"edited in the tree"))]
     await ws.close()
+
+
+async def test_bytes_that_cannot_be_journalled_yet_are_tried_again_at_the_next_download(
+        client: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The database fails while the found bytes are journalled: an error in the log, the
+    path 503 as long as its bytes are not the record's, and the next download tries again."""
+    assert (await put(client, "doc.txt", b"one")).status == 201
+    (data_dir / "doc.txt").write_bytes(b"edited in the tree")
+    journal = syncd.journal_rehashed
+
+    async def failing(*args: Any) -> None:
+        raise database_error(full=False)
+    monkeypatch.setattr(syncd, "journal_rehashed", failing)
+    assert (await client.get("/download/doc.txt")).status == 503
+    for _ in range(100):
+        if "could not journal the bytes found at doc.txt" in caplog.text:
+            break
+        await asyncio.sleep(0.02)
+    assert "could not journal the bytes found at doc.txt" in caplog.text
+    monkeypatch.setattr(syncd, "journal_rehashed", journal)
+    assert (await client.get("/download/doc.txt")).status == 503   # found again, journalled
+    for _ in range(100):
+        answer = await client.get("/download/doc.txt")
+        if answer.status == 200:
+            break
+        await asyncio.sleep(0.02)
+    assert await answer.read() == b"edited in the tree"
 
 
 async def test_a_revision_not_kept_is_404(client: Any) -> None:
