@@ -1995,11 +1995,15 @@ class SQLStore(MetadataStore):
     def read_transaction(self) -> contextlib.AbstractAsyncContextManager[SQLConnection]:
         """Several reads that see one committed state."""
 
-    async def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
-        """One statement in a transaction of its own (one that does not journal)."""
+    async def _write(self, sql: str, params: Sequence[Any] = (),
+                     notice: dict[str, Any] | None = None) -> None:
+        """One statement in a transaction of its own (one that does not journal); notice,
+        if given, for the other nodes at its COMMIT."""
         async with self.transaction(journal=False) as tx:
             assert isinstance(tx, SQLTransaction)
             await tx.sql.execute(sql, params)
+            if notice is not None:
+                await self.notify_in(tx.sql, notice)
 
     async def changes_since(self, since: int, limit: int) -> tuple[list[Change], int, bool]:
         """Journal entries with seq > since (at most limit), the cursor, and whether more wait."""
@@ -2073,16 +2077,13 @@ class SQLStore(MetadataStore):
 
     async def save_device(self, device: Device) -> None:
         """Store or replace a device's record; the other nodes are told at its COMMIT."""
-        async with self.transaction(journal=False) as tx:
-            assert isinstance(tx, SQLTransaction)
-            await tx.sql.execute(
-                f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET scope = excluded.scope,"
-                " token_hash = excluded.token_hash, created = excluded.created,"
-                " last_seen = excluded.last_seen, revoked = excluded.revoked",
-                (device.name, device.scope, device.token_hash, device.created,
-                 device.last_seen, int(device.revoked)))
-            await self.notify_in(tx.sql, {"kind": "devices"})
+        await self._write(
+            f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET scope = excluded.scope,"
+            " token_hash = excluded.token_hash, created = excluded.created,"
+            " last_seen = excluded.last_seen, revoked = excluded.revoked",
+            (device.name, device.scope, device.token_hash, device.created, device.last_seen,
+             int(device.revoked)), notice={"kind": "devices"})
 
     async def notify_in(self, db: SQLConnection, message: dict[str, Any]) -> None:
         """Hand message to the other nodes' on_message when db's transaction commits (one
@@ -2794,16 +2795,13 @@ class PostgresStore(SQLStore):
 
     async def _note_connection(self, client_id: str, opened: float, connected: bool) -> None:
         if connected:       # the row, and the notice that closes an older one elsewhere
-            async with self.transaction(journal=False) as tx:
-                assert isinstance(tx, SQLTransaction)
-                await tx.sql.execute(
-                    "INSERT INTO connections (client_id, node, node_key, since)"
-                    " VALUES (?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET"
-                    " node = excluded.node, node_key = excluded.node_key, since = excluded.since"
-                    " WHERE connections.since <= excluded.since",
-                    (client_id, self.node, lock_key(self.node), opened))
-                await self.notify_in(tx.sql, {"kind": "connected", "client_id": client_id,
-                                              "since": opened})
+            await self._write(
+                "INSERT INTO connections (client_id, node, node_key, since) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (client_id) DO UPDATE SET node = excluded.node,"
+                " node_key = excluded.node_key, since = excluded.since"
+                " WHERE connections.since <= excluded.since",
+                (client_id, self.node, lock_key(self.node), opened),
+                notice={"kind": "connected", "client_id": client_id, "since": opened})
         else:
             await self._write("DELETE FROM connections WHERE client_id = ? AND node = ?"
                               " AND since = ?", (client_id, self.node, opened))

@@ -188,10 +188,8 @@ async def test_start_up_finishes_a_move_cut_short_or_forgets_it(
     assert db_query(data_dir, "SELECT COUNT(*) FROM moves") == [(0,)]
 
 
-async def test_a_move_that_cannot_be_undone_is_finished_at_the_next_start(
-        app_client: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    client = await app_client()
-    await put(client, "dir/a", b"a")
+async def move_that_cannot_be_undone(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dir -> moved, whose commit fails and whose rename back fails too: 500."""
     real_rename = syncd.FileStore.rename
 
     def rename_once(self: Any, source: str, target: str) -> None:
@@ -201,10 +199,17 @@ async def test_a_move_that_cannot_be_undone_is_finished_at_the_next_start(
 
     async def failing(*args: Any) -> None:
         raise RuntimeError("a bug between the rename and the commit")
-    monkeypatch.setattr(syncd.FileStore, "rename", rename_once)
-    monkeypatch.setattr(syncd.SQLTransaction, "move_versions", failing)
-    assert (await move(client, "dir", "moved")).status == 500
-    monkeypatch.undo()
+    with monkeypatch.context() as broken:
+        broken.setattr(syncd.FileStore, "rename", rename_once)
+        broken.setattr(syncd.SQLTransaction, "move_versions", failing)
+        assert (await move(client, "dir", "moved")).status == 500
+
+
+async def test_a_move_that_cannot_be_undone_is_finished_at_the_next_start(
+        app_client: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = await app_client()
+    await put(client, "dir/a", b"a")
+    await move_that_cannot_be_undone(client, monkeypatch)
     await client.close()
     assert on_disk(data_dir) == {"moved/a": b"a"}
     client = await app_client()
@@ -219,19 +224,7 @@ async def test_a_move_that_cannot_be_undone_is_finished_while_the_server_runs(
     monkeypatch.setattr(syncd, "MOVES_INTERVAL", 0.1)
     client = await app_client()
     await put(client, "dir/a", b"a")
-    real_rename = syncd.FileStore.rename
-
-    def rename_once(self: Any, source: str, target: str) -> None:
-        if source == "moved":
-            raise OSError(5, "Input/output error")        # the undo fails
-        real_rename(self, source, target)
-
-    async def failing(*args: Any) -> None:
-        raise RuntimeError("a bug between the rename and the commit")
-    with monkeypatch.context() as broken:
-        broken.setattr(syncd.FileStore, "rename", rename_once)
-        broken.setattr(syncd.SQLTransaction, "move_versions", failing)
-        assert (await move(client, "dir", "moved")).status == 500
+    await move_that_cannot_be_undone(client, monkeypatch)
     assert "could not be undone on disk: it is finished once the database answers" in caplog.text
     for _ in range(100):
         if await listing(client) == {"moved/a": sha(b"a")}:
